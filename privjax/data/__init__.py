@@ -1,0 +1,1 @@
+"""Recommendation datasets: built-in synthetic data, MovieLens raw files, TFDS."""

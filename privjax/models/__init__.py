@@ -1,0 +1,1 @@
+"""NNX models. Models never import DP modules; DP transforms see plain pytrees."""
