@@ -1,0 +1,41 @@
+"""Orbax checkpoints of a run: arrays (step, params, optimizer state) + JSON meta.
+
+The meta holds what makes a resume exact and honest: the sampler state, the
+root seed and noise-key stream, and the privacy spent so far (steps taken and
+epsilon). A resumed run continues the same noise-key and sampling streams and
+adds to, never resets, the privacy spent.
+"""
+
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Saves and restores ``(arrays pytree, meta dict)`` under ``workdir/checkpoints``."""
+
+  def __init__(self, workdir: str | pathlib.Path, *, max_to_keep: int = 2):
+    self.directory = pathlib.Path(workdir).resolve() / "checkpoints"
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, arrays: Any, meta: dict[str, Any]) -> None:
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)))
+    self._manager.wait_until_finished()
+
+  def restore(self, step: int, like: Any) -> tuple[Any, dict[str, Any]]:
+    """Restores into the structure (and shapes, dtypes) of ``like``."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    out = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    return out.state, out.meta
+
+  def close(self) -> None:
+    self._manager.close()
