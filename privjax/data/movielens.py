@@ -167,7 +167,7 @@ def _detect(directory: pathlib.Path) -> str:
 
 
 def _lines(path: pathlib.Path, encoding: str, skip: int = 0):
-  """Yields (1-based line number, line without its newline), skipping empties."""
+  """Yields (1-based number, line without newline), skipping empty lines."""
   try:
     with open(path, encoding=encoding) as f:
       for number, line in enumerate(f, start=1):
@@ -175,7 +175,8 @@ def _lines(path: pathlib.Path, encoding: str, skip: int = 0):
         if number > skip and line:
           yield number, line
   except UnicodeDecodeError as error:
-    raise DataFormatError(path, None, f"not valid {encoding}: {error}") from None
+    raise DataFormatError(
+        path, None, f"not valid {encoding}: {error}") from None
 
 
 def _split(path, number, line, separator, separator_name, count, what=""):
@@ -233,13 +234,13 @@ def _check_unique(path, number, what: str, value: int, seen: dict[int, int]):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _Ratings:
   user: np.ndarray  # int64 raw user ids
-  item: np.ndarray  # int64 dense item index
+  item: np.ndarray  # int32 dense item index
   rating: np.ndarray  # float32
   timestamp: np.ndarray  # int64
 
 
 def _lookup(ids: np.ndarray, raw: np.ndarray) -> np.ndarray:
-  """Position of each ``raw`` id in the sorted non-negative ``ids``; -1 if absent.
+  """Position of each ``raw`` id in sorted non-negative ``ids``, -1 if absent.
 
   >>> _lookup(np.array([2, 5, 9]), np.array([9, 2, 3, -1, 12]))
   array([ 2,  0, -1, -1, -1], dtype=int32)
@@ -258,7 +259,7 @@ def _lookup(ids: np.ndarray, raw: np.ndarray) -> np.ndarray:
 
 
 def _union(first: np.ndarray, second: np.ndarray) -> np.ndarray:
-  """Sorted unique non-negative ids of both arrays (a bitmap when ids are small)."""
+  """Sorted unique non-negative ids of both (a bitmap when ids are small)."""
   both = np.concatenate([first, second]).astype(np.int64)
   if len(both) and both.min() >= 0 and both.max() < max(1 << 22, 4 * len(both)):
     present = np.zeros(int(both.max()) + 1, bool)
@@ -346,7 +347,8 @@ def _read_ratings(directory: pathlib.Path, fmt: _RatingsFormat,
   timestamp = table["timestamp"]
   del table
   if fmt.half_stars:
-    good = (rating >= 0.5) & (rating <= 5.0) & (2 * rating == np.floor(2 * rating))
+    good = ((rating >= 0.5) & (rating <= 5.0)
+            & (2 * rating == np.floor(2 * rating)))
   else:
     good = (rating >= 1) & (rating <= 5)
   good &= (item >= 0) & (user >= 0) & (timestamp >= 0)
