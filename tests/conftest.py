@@ -18,3 +18,6 @@ def ml100k_path() -> pathlib.Path:
   if not (ML100K / "u.data").exists():
     pytest.skip(f"MovieLens 100k not found at {ML100K}")
   return ML100K
+
+# Fixture generators need torch; they are scripts, not tests.
+collect_ignore_glob = ["fixtures/*"]
