@@ -324,12 +324,20 @@ def sample_n(sampler: Callable[..., int], param: fractions.Fraction | int,
 
 
 def laplace_noise(scale: float, shape, rng: np.random.Generator) -> np.ndarray:
-  """Floating-point Laplace noise: fast, NOT safe for release (Mironov 2012)."""
+  """Floating-point Laplace noise: fast, NOT safe for release (Mironov 2012).
+
+  >>> laplace_noise(2.0, (3,), np.random.default_rng(0)).shape
+  (3,)
+  """
   return rng.laplace(0.0, scale, shape)
 
 
 def gaussian_noise(sigma: float, shape, rng: np.random.Generator) -> np.ndarray:
-  """Floating-point Gaussian noise: fast, NOT safe for release (Mironov 2012)."""
+  """Floating-point Gaussian noise: fast, NOT safe for release (Mironov 2012).
+
+  >>> gaussian_noise(2.0, (3,), np.random.default_rng(0)).shape
+  (3,)
+  """
   return rng.normal(0.0, sigma, shape)
 
 
@@ -429,7 +437,7 @@ def _for_rdp(event: dp_accounting.DpEvent) -> dp_accounting.DpEvent:
 
 
 class PrivacyBudget:
-  """A privacy filter: answers queries until the composed loss would pass (epsilon, delta).
+  """A privacy filter: answers queries until the loss would pass (epsilon, delta).
 
   The spent epsilon is the smaller of two valid bounds on the composed loss at
   this budget's ``delta``:
@@ -499,7 +507,7 @@ class PrivacyBudget:
 
   @property
   def basic_epsilon(self) -> float:
-    """Sum of the answered queries' own epsilons (inf if their deltas exceed ``delta``)."""
+    """Sum of the queries' own epsilons (inf if their deltas exceed ``delta``)."""
     return self._basic(self._queries)
 
   @property
@@ -535,7 +543,7 @@ class PrivacyBudget:
 
   def check(self, event: dp_accounting.DpEvent, *, epsilon: float | None = None,
             delta: float = 0.0, name: str = "query") -> float:
-    """The spent epsilon if ``event`` were answered; raises if it would exceed the budget.
+    """The spent epsilon if ``event`` were answered; raises if that exceeds the budget.
 
     Args:
       event: the query's event.
@@ -640,6 +648,8 @@ def _user_keys(user) -> np.ndarray:
 
 def _rank_within(groups: np.ndarray, priority: np.ndarray) -> np.ndarray:
   """Rank of each row inside its group when the group is sorted by priority."""
+  if len(groups) == 0:
+    return np.zeros(0, np.int64)
   order = np.lexsort((priority, groups))
   g = groups[order]
   index = np.arange(len(g))
@@ -652,7 +662,7 @@ def _rank_within(groups: np.ndarray, priority: np.ndarray) -> np.ndarray:
 def _keep_per_user(user_keys, row_keys, max_per_user: int, seed: int) -> np.ndarray:
   """Mask keeping at most ``max_per_user`` rows per user, chosen by a keyed hash."""
   with np.errstate(over="ignore"):
-    priority = _mix64(_mix64(user_keys ^ _mix64(np.full_like(user_keys, seed)))
+    priority = _mix64(_mix64(user_keys ^ _mix64(np.full_like(user_keys, seed % 2**64)))
                       ^ row_keys.astype(_U64))
   return _rank_within(user_keys, priority) < max_per_user
 
@@ -666,7 +676,7 @@ def _bounded_rows(user, max_per_user: int, seed: int) -> np.ndarray:
 
 def _bounded_histogram(user, bins, num_bins: int, max_per_user: int,
                        seed: int) -> np.ndarray:
-  """Distinct users per bin, each user counted in at most ``max_per_user`` bins (NOT private)."""
+  """Distinct users per bin, each in at most ``max_per_user`` bins (NOT private)."""
   bins = np.asarray(bins)
   if bins.size and (bins.min() < 0 or bins.max() >= num_bins):
     raise ValueError(f"bins must lie in [0, num_bins={num_bins}); got "
