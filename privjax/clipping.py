@@ -98,6 +98,87 @@ def _row_mask(mask_g, like: jax.Array) -> jax.Array:
   return mask_g.reshape(mask_g.shape + (1,) * (like.ndim - 1))
 
 
+class ClipRule(NamedTuple):
+  """Global or per-layer clipping: turns per-leaf squared norms into factors.
+
+  ``factors(sq_norms, valid, params)`` maps a tree of [G] squared norms (one
+  per parameter leaf) to a tree of [G] clip factors (0 for invalid groups);
+  ``sensitivity(params)`` is the L2 sensitivity of the clipped sum.
+  """
+  factors: Callable[[PyTree, jax.Array, PyTree], PyTree]
+  sensitivity: Callable[[PyTree], float]
+
+
+def clip_rule(l2_clip_norm: float | PyTree, per_layer: bool = False) -> ClipRule:
+  """The clipping rule for a total clip norm C or a pytree of per-leaf C_l."""
+  if per_layer or not isinstance(l2_clip_norm, (int, float)):
+    if isinstance(l2_clip_norm, (int, float)):
+      sensitivity_of(l2_clip_norm)  # validates C
+      clip_tree = lambda params: per_layer_clip_norms(params, l2_clip_norm)
+    else:
+      sensitivity_of(l2_clip_norm)
+      clip_tree = lambda params: l2_clip_norm
+
+    def factors(sq, valid, params):
+      return jax.tree.map(
+          lambda c, s: jnp.where(valid, c / jnp.maximum(jnp.sqrt(s), c), 0.0),
+          clip_tree(params), sq)
+
+    return ClipRule(factors, lambda params: sensitivity_of(clip_tree(params)))
+
+  c = sensitivity_of(l2_clip_norm)
+
+  def global_factors(sq, valid, params):
+    del params
+    norms = jnp.sqrt(sum(jax.tree.leaves(sq)))
+    f = jnp.where(valid, c / jnp.maximum(norms, c), 0.0)
+    return jax.tree.map(lambda _: f, sq)
+
+  return ClipRule(global_factors, lambda params: c)
+
+
+def example_keys(rng: jax.Array | None, num_groups: int, k: int):
+  """One key per example slot, [G, K]; None stays None (an empty pytree)."""
+  if rng is None:
+    return None
+  keys = jax.random.split(rng, num_groups * k)
+  return keys.reshape((num_groups, k) + keys.shape[1:])
+
+
+def accumulate(slice_fun, params, batch, mask, rngs,
+               microbatch_size: int | None):
+  """Runs ``slice_fun(params, batch, mask, rngs) -> (sum, norms, valid,
+  loss_sum)`` on the whole batch or over microbatches of groups (lax.scan),
+  summing the clipped sums and loss sums and concatenating norms and valid."""
+  num_groups = mask.shape[0]
+  if microbatch_size is None or microbatch_size >= num_groups:
+    return slice_fun(params, batch, mask, rngs)
+  if num_groups % microbatch_size:
+    raise ValueError(
+        f"microbatch_size={microbatch_size} must divide the number of "
+        f"groups {num_groups}")
+  n = num_groups // microbatch_size
+  split = lambda x: x.reshape((n, microbatch_size) + x.shape[1:])
+  xs = (jax.tree.map(split, batch), split(mask), jax.tree.map(split, rngs))
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), params)
+
+  def body(acc, x):
+    s, norms, valid, loss_sum = slice_fun(params, *x)
+    return (jax.tree.map(jnp.add, acc[0], s), acc[1] + loss_sum), (norms, valid)
+
+  (total, loss_sum), (norms, valid) = jax.lax.scan(
+      body, (zeros, jnp.zeros((), jnp.float32)), xs)
+  return total, norms.reshape(-1), valid.reshape(-1), loss_sum
+
+
+def contract(factors: PyTree, per_group: PyTree, valid: jax.Array) -> PyTree:
+  """sum_g factor_g * grad_g, with invalid rows zeroed first (0 * nan = nan)."""
+  return jax.tree.map(
+      lambda f, g: jnp.tensordot(
+          f.astype(g.dtype), jnp.where(_row_mask(valid, g), g, 0), axes=1),
+      factors, per_group)
+
+
 def clipped_grad_sum(
     loss_fun: LossFun,
     *,
@@ -126,17 +207,7 @@ def clipped_grad_sum(
   >>> out.grad_sum.tolist(), out.sensitivity   # [0.6, 0.8] + [0.3, 0.4]
   ([0.9000000357627869, 1.2000000476837158], 1.0)
   """
-  if per_layer or not isinstance(l2_clip_norm, (int, float)):
-    if isinstance(l2_clip_norm, (int, float)):
-      sensitivity_of(l2_clip_norm)  # validates C
-      clip_tree_fn = lambda params: per_layer_clip_norms(params, l2_clip_norm)
-    else:
-      fixed = l2_clip_norm
-      clip_tree_fn = lambda params: fixed
-    sensitivity = None  # computed from the tree at call time
-    per_layer = True
-  else:
-    sensitivity = sensitivity_of(l2_clip_norm)
+  rule = clip_rule(l2_clip_norm, per_layer)
   if microbatch_size is not None and microbatch_size <= 0:
     raise ValueError(f"microbatch_size={microbatch_size} must be > 0")
 
@@ -147,58 +218,17 @@ def clipped_grad_sum(
     real = jnp.sum(mask, axis=1) > 0
     sq = _sq_norms_per_row(grads)
     norms = jnp.sqrt(sum(jax.tree.leaves(sq)))
-    finite = jnp.isfinite(norms) & jnp.isfinite(losses)
-    valid = real & finite
-    if per_layer:
-      clip = clip_tree_fn(params)
-      factors = jax.tree.map(
-          lambda c, s: jnp.where(valid, c / jnp.maximum(jnp.sqrt(s), c), 0.0),
-          clip, sq)
-    else:
-      c = sensitivity
-      f = jnp.where(valid, c / jnp.maximum(norms, c), 0.0)
-      factors = jax.tree.map(lambda _: f, grads)
-    # Zero non-finite rows before contracting: 0 * nan is nan.
-    clipped = jax.tree.map(
-        lambda f, g: jnp.tensordot(
-            f.astype(g.dtype), jnp.where(_row_mask(valid, g), g, 0), axes=1),
-        factors, grads)
+    valid = real & jnp.isfinite(norms) & jnp.isfinite(losses)
+    clipped = contract(rule.factors(sq, valid, params), grads, valid)
     loss_sum = jnp.sum(jnp.where(real & jnp.isfinite(losses), losses, 0.0))
     return clipped, norms, valid.astype(jnp.float32), loss_sum
 
   def fun(params, batch, mask, rng: jax.Array | None = None) -> ClippedSum:
     mask = jnp.asarray(mask)
-    num_groups, k = mask.shape
-    # rngs=None is an empty pytree: vmap and scan carry it through untouched.
-    rngs = None
-    if rng is not None:
-      keys = jax.random.split(rng, num_groups * k)
-      rngs = keys.reshape((num_groups, k) + keys.shape[1:])
-    call = one_slice
-    if microbatch_size is None or microbatch_size >= num_groups:
-      grad_sum, norms, valid, loss_sum = call(params, batch, mask, rngs)
-    else:
-      if num_groups % microbatch_size:
-        raise ValueError(
-            f"microbatch_size={microbatch_size} must divide the number of "
-            f"groups {num_groups}")
-      n = num_groups // microbatch_size
-      split = lambda x: x.reshape((n, microbatch_size) + x.shape[1:])
-      xs = (jax.tree.map(split, batch), split(mask), jax.tree.map(split, rngs))
-      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), params)
-
-      def body(acc, x):
-        b, m, r = x
-        s, norms, valid, loss_sum = call(params, b, m, r)
-        acc = (jax.tree.map(jnp.add, acc[0], s), acc[1] + loss_sum)
-        return acc, (norms, valid)
-
-      (grad_sum, loss_sum), (norms, valid) = jax.lax.scan(
-          body, (zeros, jnp.zeros((), jnp.float32)), xs)
-      norms, valid = norms.reshape(-1), valid.reshape(-1)
-    sens = sensitivity if sensitivity is not None else sensitivity_of(
-        clip_tree_fn(params))
-    return ClippedSum(grad_sum, sens, norms, valid, loss_sum)
+    rngs = example_keys(rng, *mask.shape)
+    grad_sum, norms, valid, loss_sum = accumulate(
+        one_slice, params, batch, mask, rngs, microbatch_size)
+    return ClippedSum(grad_sum, rule.sensitivity(params), norms, valid, loss_sum)
 
   return fun
 
@@ -215,7 +245,8 @@ def grad_sum(loss_fun: LossFun) -> Callable[..., ClippedSum]:
     mask = jnp.asarray(mask)
     num_groups, k = mask.shape
     flat = lambda x: x.reshape((num_groups * k,) + x.shape[2:])
-    rngs = (None if rng is None else jax.random.split(rng, num_groups * k))
+    keys = example_keys(rng, num_groups, k)
+    rngs = None if keys is None else keys.reshape((num_groups * k,) + keys.shape[2:])
 
     def total(p):
       if rngs is None:

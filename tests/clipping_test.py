@@ -29,6 +29,9 @@ def _batch(g, k, seed=1, scale=3.0):
           "y": jnp.asarray(rng.integers(0, 3, size=(g, k)), jnp.int32)}
 
 
+_example_grad = jax.jit(jax.grad(_loss))
+
+
 def _loop_group_grads(params, batch, mask):
   """Reference: a Python loop over groups and examples, no vmap."""
   out = []
@@ -37,7 +40,7 @@ def _loop_group_grads(params, batch, mask):
     for ki in range(mask.shape[1]):
       if mask[gi, ki] > 0:
         ex = jax.tree.map(lambda v: v[gi, ki], batch)
-        total = jax.tree.map(jnp.add, total, jax.grad(_loss)(params, ex, None))
+        total = jax.tree.map(jnp.add, total, _example_grad(params, ex, None))
     out.append(total)
   return out
 
