@@ -68,6 +68,11 @@ parameters are chosen adaptively (Feldman & Zrnic 2021, Renyi filter, at every
 order at once since all curves are linear). dp-accounting 0.6 has no event for
 the exponential mechanism; we do not use newer upstream ones.
 
+Floating point. Noise is drawn in float32 (or the wider dtype of the scores)
+by textbook samplers, not by a floating-point-safe one (Mironov 2012); only
+indices are released, never noisy values, which limits but does not remove
+that gap.
+
 Keys. JAX, explicit keys. Each call consumes the key it is given (split
 internally into the independent draws it needs); never pass the same key
 twice. ``QuerySession`` derives the key of its i-th query as
@@ -319,12 +324,20 @@ def _scores_array(scores) -> jax.Array:
   if not (jnp.issubdtype(scores.dtype, jnp.floating)
           or jnp.issubdtype(scores.dtype, jnp.integer)):
     raise ValueError(f"scores.dtype={scores.dtype} must be integer or floating")
-  scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
-  # An infinite or NaN score would make the choice deterministic, whatever
-  # the noise: no bounded sensitivity covers it.
-  if not bool(jnp.all(jnp.isfinite(scores))):
-    raise ValueError("scores must all be finite")
   return scores
+
+
+def _as_float(scores):
+  """Scores in float32 or wider, and whether they are all finite."""
+  scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
+  return scores, jnp.all(jnp.isfinite(scores))
+
+
+def _check_finite(finite):
+  # An infinite or NaN score makes the choice deterministic whatever the
+  # noise: no bounded sensitivity covers it. Raised before anything is returned.
+  if not bool(finite):
+    raise ValueError("scores must all be finite")
 
 
 def _noise(mechanism: str, key, shape, dtype):
@@ -343,10 +356,12 @@ def _perturb(scores, *, mechanism: str, scale, key) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("mechanism", "k"))
 def _top_k_kernel(scores, scale, key, *, mechanism: str, k: int):
+  scores, finite = _as_float(scores)
   if mechanism != "laplace":
     # One noisy vector: GNMax top-k is its post-processing, and for Gumbel
     # noise it has the law of k rounds of exponential-mechanism peeling.
-    return jax.lax.top_k(_perturb(scores, mechanism=mechanism, scale=scale, key=key), k)[1]
+    noisy = _perturb(scores, mechanism=mechanism, scale=scale, key=key)
+    return jax.lax.top_k(noisy, k)[1].astype(jnp.int32), finite
   # Report-noisy-max with Laplace noise peels: k rounds with fresh noise over
   # the items not yet chosen, so each round is one epsilon-DP argmax.
   chosen = []
@@ -356,7 +371,19 @@ def _top_k_kernel(scores, scale, key, *, mechanism: str, k: int):
     choice = jnp.argmax(jnp.where(taken, -jnp.inf, noisy), axis=-1)
     taken = taken | jax.nn.one_hot(choice, scores.shape[-1], dtype=bool)
     chosen.append(choice)
-  return jnp.stack(chosen, axis=-1).astype(jnp.int32)
+  return jnp.stack(chosen, axis=-1).astype(jnp.int32), finite
+
+
+@jax.jit
+def _confident_kernel(scores, threshold, sigma_threshold, sigma, key):
+  scores, finite = _as_float(scores)
+  check_key, answer_key = jax.random.split(key)
+  noisy_max = _perturb(scores.max(axis=-1), mechanism="gaussian",
+                       scale=sigma_threshold, key=check_key)
+  answered = noisy_max >= threshold
+  noisy = _perturb(scores, mechanism="gaussian", scale=sigma, key=answer_key)
+  choice = jnp.where(answered, jnp.argmax(noisy, axis=-1), -1).astype(jnp.int32)
+  return answered, choice, finite
 
 
 def noisy_top_k(scores, k: int, *, mechanism: str, epsilon: float | None = None,
@@ -397,8 +424,11 @@ def noisy_top_k(scores, k: int, *, mechanism: str, epsilon: float | None = None,
   cost = cost_of(mechanism, epsilon=epsilon, sigma=sigma, sensitivity=sensitivity,
                  k=k, num_queries=max(num_queries, 1), monotonic=monotonic)
   scale = _scale(mechanism, epsilon, sigma, sensitivity, monotonic)
-  top = _top_k_kernel(scores, scale, key, mechanism=mechanism, k=k)
-  return top.astype(jnp.int32), cost
+  # One compile per (mechanism, k, rows, n), whatever the leading axes.
+  top, finite = _top_k_kernel(scores.reshape(-1, scores.shape[-1]), scale, key,
+                              mechanism=mechanism, k=k)
+  _check_finite(finite)
+  return top.reshape(*scores.shape[:-1], k), cost
 
 
 def noisy_argmax(scores, *, mechanism: str, epsilon: float | None = None,
@@ -464,12 +494,12 @@ def confident_gnmax(scores, *, threshold: float, sigma_threshold: float,
   # Validates everything before any noise is drawn.
   confident_cost_of(sigma_threshold=sigma_threshold, sigma=sigma,
                     sensitivity=sensitivity, num_queries=num_queries, num_answered=0)
-  check_key, answer_key = jax.random.split(key)
-  noisy_max = _perturb(scores.max(axis=-1), mechanism="gaussian",
-                       scale=sigma_threshold, key=check_key)
-  answered = noisy_max >= threshold
-  choice = _top_k_kernel(scores, float(sigma), answer_key, mechanism="gaussian", k=1)[..., 0]
-  choice = jnp.where(answered, choice, -1).astype(jnp.int32)
+  answered, choice, finite = _confident_kernel(
+      scores.reshape(-1, scores.shape[-1]), float(threshold), float(sigma_threshold),
+      float(sigma), key)
+  _check_finite(finite)
+  answered = answered.reshape(scores.shape[:-1])
+  choice = choice.reshape(scores.shape[:-1])
   cost = confident_cost_of(sigma_threshold=sigma_threshold, sigma=sigma,
                            sensitivity=sensitivity, num_queries=num_queries,
                            num_answered=int(answered.sum()))
@@ -572,8 +602,12 @@ class QuerySession:
           f"a {mechanism} query would bring epsilon from {self.epsilon:.4g} to "
           f"{after:.4g} > epsilon_budget={self.epsilon_budget}; refused, no noise drawn")
 
+  def _key_for(self, index: int) -> jax.Array:
+    return jax.random.fold_in(self._key, index)
+
   def _next_key(self) -> jax.Array:
-    return jax.random.fold_in(self._key, len(self.answers))
+    # One index per answered call; refused calls draw nothing and take none.
+    return self._key_for(len(self.answers))
 
   def _record(self, answer: Answer, pure_epsilon: float | None):
     self._accountant.compose(answer.event)
