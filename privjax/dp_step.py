@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from privjax import clipping
+from privjax import ghost
 from privjax import noise
 
 PyTree = Any
@@ -52,8 +53,9 @@ class StepConfig:
     expected_batch_size: the public divisor, q * num_units.
     per_layer: clip each parameter leaf with C / sqrt(num_leaves).
     microbatch_size: groups per microbatch inside the step (None: all).
-    clipping: "vmap" (per-example gradients), "ghost" or "auto" (fast path,
-      see ``privjax.ghost``; needs ``ghost_fun``).
+    clipping: "vmap" (exact per-example gradients) or "ghost" (the ghost-norm
+      fast path, ``privjax.ghost``; same result). The trainer resolves
+      "auto" to one of the two before building the step.
   """
   private: bool = True
   l2_clip_norm: float = 1.0
@@ -72,8 +74,9 @@ class StepConfig:
         raise ValueError(f"l2_clip_norm={self.l2_clip_norm} must be finite > 0")
       if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
         raise ValueError(f"noise_multiplier={self.noise_multiplier} must be >= 0")
-    if self.clipping not in ("vmap", "ghost", "auto"):
-      raise ValueError(f"clipping={self.clipping!r} must be vmap, ghost or auto")
+    if self.clipping not in ("vmap", "ghost"):
+      raise ValueError(f"clipping={self.clipping!r} must be 'vmap' or 'ghost' "
+                       "(resolve 'auto' first)")
 
 
 def init_state(params: PyTree, optimizer: optax.GradientTransformation) -> TrainState:
@@ -102,7 +105,8 @@ def make_step(
     metrics)``, jitted, with ``state`` donated. ``batch`` leaves are
     ``[G, K, ...]`` and ``mask`` is ``[G, K]`` (see ``privjax.clipping``).
   """
-  make_sum = clipped_sum_fn or clipping.clipped_grad_sum
+  make_sum = clipped_sum_fn or {"vmap": clipping.clipped_grad_sum,
+                                "ghost": ghost.clipped_grad_sum}[config.clipping]
 
   def step(state: TrainState, frozen, batch, mask, noise_key, rng=None):
     per_example = lambda p, ex, r: loss_fun(p, frozen, ex, r)

@@ -37,6 +37,7 @@ from privjax import accounting
 from privjax import checkpoint
 from privjax import config as config_lib
 from privjax import dp_step
+from privjax import ghost
 from privjax import metrics as metrics_lib
 from privjax import noise
 from privjax import sampling
@@ -149,6 +150,41 @@ def plan_privacy(cfg: config_lib.Config, num_units: int,
     steps = 0
   return PrivacyPlan(True, p.unit, num_units, q, q * num_units, sigma,
                      p.l2_clip_norm, delta, p.accountant, steps, budget, truncated)
+
+
+def choose_clipping(requested: str, loss_fun, params, frozen,
+                    examples: dict[str, np.ndarray], unit_rows: np.ndarray) -> str:
+  """Resolves ``vmap | ghost | auto`` to the implementation the step uses.
+
+  Ghost needs a rule for every trainable leaf to be fast (leaves without one
+  fall back to exact per-unit gradients), and must agree with the exact vmap
+  path. ``verify`` checks that once, on the first few units' examples: the
+  outcome is a property of the model code (a parameter read outside the
+  tapped layers), not of the data, and nothing computed here is released.
+  "ghost" refuses a model that fails the check; "auto" falls back to vmap.
+  """
+  if requested == "vmap":
+    return "vmap"
+  per_example = lambda p, ex, r: loss_fun(p, frozen, ex, r)
+  first = {k: v[unit_rows[0, 0]] for k, v in examples.items()}
+  cov = ghost.coverage(per_example, params, first)
+  if requested == "auto" and not cov.complete:
+    print(f"privjax: clipping=auto -> vmap (no ghost rule for {list(cov.untapped)})")
+    return "vmap"
+  rows = unit_rows[: min(4, len(unit_rows))]
+  safe = np.where(rows >= 0, rows, 0)
+  batch = {k: jnp.asarray(v[safe]) for k, v in examples.items()}
+  mask = jnp.asarray((rows >= 0).astype(np.float32))
+  bad = ghost.verify(per_example, params, batch, mask)
+  if bad:
+    if requested == "ghost":
+      raise ValueError(
+          "config.privacy.clipping='ghost' is not exact for this model: ghost norms "
+          f"disagree with per-example gradients for {bad}. Some parameter is used "
+          "outside the privjax.nn layers; use clipping='vmap'.")
+    print(f"privjax: clipping=auto -> vmap (ghost disagrees on {bad})")
+    return "vmap"
+  return "ghost"
 
 
 def _check_or_write_config(cfg: config_lib.Config, workdir: pathlib.Path) -> bool:
@@ -297,12 +333,14 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str | pathlib.Path, *,
   # ========================================================================
   # 5. Step: one jitted function, data-parallel over local devices
   # ========================================================================
+  clipping_mode = choose_clipping(cfg.privacy.clipping, loss_fun, params, frozen,
+                                  examples, unit_rows) if plan.private else "vmap"
   optimizer = make_optimizer(cfg.train)
   step_fn = dp_step.make_step(loss_fun, optimizer, dp_step.StepConfig(
       private=plan.private, l2_clip_norm=cfg.privacy.l2_clip_norm,
       noise_multiplier=plan.noise_multiplier,
       expected_batch_size=plan.expected_batch_size, per_layer=cfg.privacy.per_layer,
-      microbatch_size=cfg.privacy.microbatch_size, clipping=cfg.privacy.clipping))
+      microbatch_size=cfg.privacy.microbatch_size, clipping=clipping_mode))
   mesh = dp_step.make_mesh()
   batch_sharding = dp_step.data_sharding(mesh)
   state = jax.device_put(dp_step.init_state(params, optimizer), dp_step.replicated(mesh))
@@ -406,7 +444,7 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str | pathlib.Path, *,
       "expected_batch_size": plan.expected_batch_size,
       "max_examples_per_user": cfg.data.max_examples_per_user,
       "dataset": ds.name,
-      "clipping": cfg.privacy.clipping,
+      "clipping": clipping_mode,
       "per_layer_clipping": cfg.privacy.per_layer,
       "epsilon_budget": plan.epsilon_budget,
       "target_epsilon": cfg.privacy.target_epsilon,

@@ -142,6 +142,8 @@ def test_invalid_step_config_is_refused():
     dp_step.StepConfig(expected_batch_size=0.0)
   with pytest.raises(ValueError, match="clipping='magic'"):
     dp_step.StepConfig(clipping="magic")
+  with pytest.raises(ValueError, match="resolve 'auto' first"):
+    dp_step.StepConfig(clipping="auto")
 
 
 _SHARDED_SCRIPT = r"""
