@@ -38,6 +38,7 @@ masked, pruned weights then stay exactly 0.0 at every step.
 from collections.abc import Callable, Sequence
 import dataclasses
 import fnmatch
+import functools
 import math
 import re
 from typing import Any, NamedTuple
@@ -108,6 +109,9 @@ def _num_pruned(sparsity: float, n: int) -> int:
   return math.floor(round(sparsity * n, 6))
 
 
+# Jitted with static counts: one compile per leaf shape instead of one per op
+# (eager op-by-op dispatch dominated the cost of small calls).
+@functools.partial(jax.jit, static_argnums=1)
 def _prune_smallest(scores: jax.Array, k: int) -> jax.Array:
   """Keep-mask (flat) pruning the k lowest scores; ties: lower index first."""
   order = jnp.argsort(scores, stable=True)
@@ -115,16 +119,29 @@ def _prune_smallest(scores: jax.Array, k: int) -> jax.Array:
 
 
 def _nm_keep(scores: jax.Array, n: int, m: int, axis: int, path: str) -> jax.Array:
-  moved = jnp.moveaxis(scores, axis, 0)
-  length = moved.shape[0]
+  length = scores.shape[axis]
   if length % m:
     raise ValueError(f"n_m={(n, m)}: leaf {path} has length {length} along "
                      f"block_axis={axis}, which is not divisible by M={m}")
+  return _nm_keep_jit(scores, n, m, axis)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _nm_keep_jit(scores: jax.Array, n: int, m: int, axis: int) -> jax.Array:
+  moved = jnp.moveaxis(scores, axis, 0)
+  length = moved.shape[0]
   blocks = moved.reshape(length // m, m, -1)
   # rank of each weight within its block by |w|, ties: lower index ranks lower
   rank = jnp.argsort(jnp.argsort(blocks, axis=1, stable=True), axis=1, stable=True)
   keep = (rank >= m - n).reshape(moved.shape)
   return jnp.moveaxis(keep, 0, axis)
+
+
+@jax.jit
+def _scores(leaf: jax.Array, keep: jax.Array | None) -> jax.Array:
+  """|w| in float32; weights pruned before (keep False) rank below all: -1."""
+  s = jnp.abs(leaf).astype(jnp.float32)
+  return s if keep is None else jnp.where(keep, s, -1.0)
 
 
 def _check_n_m(n_m) -> tuple[int, int]:
@@ -184,11 +201,8 @@ def magnitude_masks(params: PyTree, *, sparsity: float | None = None,
     previous = [None] * len(leaves)
   else:
     previous = jax.tree.leaves(previous_masks, is_leaf=lambda x: x is None)
-  scores = {}
-  for i, (leaf, keep) in enumerate(zip(leaves, previous)):
-    if chosen[i]:
-      s = jnp.abs(jnp.asarray(leaf)).astype(jnp.float32)
-      scores[i] = s if keep is None else jnp.where(keep, s, -1.0)
+  scores = {i: _scores(leaf, keep)
+            for i, (leaf, keep) in enumerate(zip(leaves, previous)) if chosen[i]}
 
   masks = [None] * len(leaves)
   if n_m is not None:
@@ -352,7 +366,8 @@ def sparsity_at(step: int, *, final_sparsity: float, start_step: int,
     return float(final_sparsity)
   t = start_step + ((step - start_step) // frequency) * frequency
   remaining = 1.0 - (t - start_step) / (end_step - start_step)
-  return final_sparsity + (initial_sparsity - final_sparsity) * remaining ** 3
+  # this form is exact at both ends: initial at t0, final at t1
+  return initial_sparsity + (final_sparsity - initial_sparsity) * (1 - remaining ** 3)
 
 
 def _check_schedule(final_sparsity, start_step, end_step, frequency,
