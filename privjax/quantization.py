@@ -36,6 +36,7 @@ Invariants (tested), per element, for finite ``w`` and computed scales:
 from collections.abc import Callable, Sequence
 import dataclasses
 import fnmatch
+import functools
 import re
 from typing import Any
 
@@ -125,18 +126,26 @@ def quantize(w: jax.Array, *, channel_axis: int = -1,
     raise ValueError(f"channel_axis={channel_axis} is out of range for "
                      f"w.shape={w.shape}")
   axis = channel_axis % w.ndim
-  w32 = w.astype(jnp.float32)
-  if scale is None:
-    reduce_axes = tuple(i for i in range(w.ndim) if i != axis)
-    scale = _scale_from_absmax(jnp.max(jnp.abs(w32), axis=reduce_axes))
-  else:
+  if scale is not None:
     _check_scale(scale)
     scale = jnp.asarray(scale, jnp.float32)
     if scale.shape != (w.shape[axis],):
       raise ValueError(f"scale.shape={scale.shape} must be ({w.shape[axis]},) "
                        f"for w.shape={w.shape}, channel_axis={channel_axis}")
+  values, scale = _quantize_arrays(w, scale, axis)
+  return QTensor(values=values, scale=scale, channel_axis=axis)
+
+
+# Jitted so a call compiles once per shape rather than once per eager op.
+@functools.partial(jax.jit, static_argnums=2)
+def _quantize_arrays(w: jax.Array, scale: jax.Array | None,
+                     axis: int) -> tuple[jax.Array, jax.Array]:
+  w32 = w.astype(jnp.float32)
+  if scale is None:
+    reduce_axes = tuple(i for i in range(w.ndim) if i != axis)
+    scale = _scale_from_absmax(jnp.max(jnp.abs(w32), axis=reduce_axes))
   values = jnp.clip(jnp.round(w32 / _expand(scale, w.ndim, axis)), -QMAX, QMAX)
-  return QTensor(values=values.astype(jnp.int8), scale=scale, channel_axis=axis)
+  return values.astype(jnp.int8), scale
 
 
 def dequantize(q: QTensor) -> jax.Array:
@@ -145,7 +154,12 @@ def dequantize(q: QTensor) -> jax.Array:
   >>> dequantize(quantize(jnp.array([[0.0, 254.0], [127.0, -3.0]]))).tolist()
   [[0.0, 254.0], [127.0, -4.0]]
   """
-  return q.values.astype(jnp.float32) * _expand(q.scale, q.ndim, q.channel_axis)
+  return _dequantize_arrays(q.values, q.scale, q.channel_axis)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _dequantize_arrays(values: jax.Array, scale: jax.Array, axis: int) -> jax.Array:
+  return values.astype(jnp.float32) * _expand(scale, values.ndim, axis)
 
 
 def transpose(q: QTensor) -> QTensor:
