@@ -22,17 +22,18 @@ leaf, meaning "not pruned" (no memory spent on all-True arrays).
 
 Exact counts and ties. Unstructured pruning of ``n`` weights at sparsity ``s``
 zeroes exactly ``floor(s * n)`` of them (the product is first rounded to 6
-decimals so that 0.29 * 100 prunes 29, not 28): achieved sparsity never
-exceeds the target and falls short by less than 1 / n. Weights are ranked by
+decimals so that 0.29 * 100 prunes 29, not 28): achieved sparsity falls
+short of the target by less than 1 / n and never exceeds it (beyond 1e-6 / n). Weights are ranked by
 |w|; among equal magnitudes the one with the lower flat (row-major) index is
 pruned first, so the count is exact even with ties. Under ``scope="global"``
 the flat index runs over the selected leaves in pytree-flatten order.
 
 Keeping pruned weights at zero during (DP) training. Noise is added to every
-coordinate, and Adam's moments of a pruned weight soon become nonzero, so
-masking gradients is not enough. ``masked_updates`` zeroes the FINAL updates
-after the optimizer (put it last in ``optax.chain``); with params already
-masked, pruned weights then stay exactly 0.0 at every step.
+coordinate, and Adam's moments of a weight pruned mid-training still hold its
+past gradients, so masking only the gradients is not enough.
+``masked_updates`` zeroes the FINAL updates after the optimizer (put it last
+in ``optax.chain``); with params already masked, pruned weights then stay
+exactly 0.0 at every step whatever the optimizer state holds.
 """
 
 from collections.abc import Callable, Sequence
@@ -159,6 +160,8 @@ def magnitude_masks(params: PyTree, *, sparsity: float | None = None,
   """Keep-masks that prune the smallest-magnitude weights of selected leaves.
 
   Give exactly one of ``sparsity`` (unstructured) or ``n_m`` (structured).
+  Both are Python numbers (they fix static counts), so the function can run
+  under ``jit`` with ``params`` traced.
 
   Args:
     params: parameter pytree (arrays; reads parameters only, never data).
@@ -183,12 +186,12 @@ def magnitude_masks(params: PyTree, *, sparsity: float | None = None,
     A pytree like ``params``: bool keep-masks for selected leaves, ``None``
     for the others.
 
-  >>> w = jnp.array([[0.1, -3.0], [2.0, 0.0], [-0.5, 1.0], [4.0, 0.2]])
+  >>> w = jnp.array([[3.0, -2.0], [2.5, 0.1], [-0.2, 1.0], [0.3, 0.4]])
   >>> magnitude_masks({"kernel": w}, sparsity=0.5)["kernel"].astype(int).tolist()
-  [[0, 1], [1, 0], [0, 1], [1, 0]]
-  >>> masks = magnitude_masks({"kernel": w}, n_m=(1, 2))
+  [[1, 1], [1, 0], [0, 1], [0, 0]]
+  >>> masks = magnitude_masks({"kernel": w}, n_m=(1, 2))  # 1 of 2 rows per column
   >>> masks["kernel"].astype(int).tolist()
-  [[0, 1], [1, 0], [0, 1], [1, 0]]
+  [[1, 1], [0, 0], [0, 1], [1, 0]]
   """
   if (sparsity is None) == (n_m is None):
     raise ValueError(f"give exactly one of sparsity={sparsity!r} and n_m={n_m!r}")
@@ -197,10 +200,8 @@ def magnitude_masks(params: PyTree, *, sparsity: float | None = None,
     raise ValueError(f"block_axis={block_axis!r} must be 0 or 1 (2-D leaves)")
   paths, leaves, treedef = _flatten(params)
   chosen = _selected(paths, leaves, pattern, exclude)
-  if previous_masks is None:
-    previous = [None] * len(leaves)
-  else:
-    previous = jax.tree.leaves(previous_masks, is_leaf=lambda x: x is None)
+  previous = ([None] * len(leaves) if previous_masks is None
+              else _mask_leaves(previous_masks, treedef))
   scores = {i: _scores(leaf, keep)
             for i, (leaf, keep) in enumerate(zip(leaves, previous)) if chosen[i]}
 
@@ -223,6 +224,15 @@ def magnitude_masks(params: PyTree, *, sparsity: float | None = None,
         masks[i] = keep[offset:offset + s.size].reshape(s.shape)
         offset += s.size
   return jax.tree.unflatten(treedef, masks)
+
+
+def _mask_leaves(masks: PyTree, params_treedef) -> list[jax.Array | None]:
+  """Mask leaves (None included) aligned with the params leaves, or an error."""
+  leaves, treedef = jax.tree.flatten(masks, is_leaf=lambda x: x is None)
+  if treedef != params_treedef:
+    raise ValueError(f"masks structure {treedef} does not match the "
+                     f"params structure {params_treedef}")
+  return leaves
 
 
 def _map_masked(fun: Callable, masks: PyTree, tree: PyTree) -> PyTree:
@@ -274,10 +284,8 @@ def sparsity_report(params: PyTree, masks: PyTree) -> dict[str, float]:
   >>> report
   {'sparsity/k': 0.25, 'sparsity/total': 0.25, 'sparsity/all_params': 0.125}
   """
-  paths, leaves, _ = _flatten(params)
-  mask_leaves = jax.tree.leaves(masks, is_leaf=lambda x: x is None)
-  if len(mask_leaves) != len(leaves):
-    raise ValueError(f"masks have {len(mask_leaves)} leaves, params {len(leaves)}")
+  paths, leaves, treedef = _flatten(params)
+  mask_leaves = _mask_leaves(masks, treedef)
   report, pruned, masked_size, all_size = {}, 0, 0, 0
   for path, leaf, mask in zip(paths, leaves, mask_leaves):
     size = math.prod(jnp.shape(leaf))

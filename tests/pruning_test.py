@@ -179,7 +179,7 @@ def test_prune_nnx_model_params():
 
 # ---------------------------------------------------- DP training integration
 
-def _noisy_adam_run(tx, params, steps=6, sigma=1.0):
+def _noisy_adam_run(tx, params, steps=6, sigma=1.0, opt_state=None):
   """Adam-like steps on gradients plus Gaussian noise, as a DP step adds."""
   def loss(p):
     return sum(jnp.sum(jnp.sin(x) ** 2) for x in jax.tree.leaves(p))
@@ -192,7 +192,7 @@ def _noisy_adam_run(tx, params, steps=6, sigma=1.0):
 
   # NumPy noise keeps threefry out of the compiled step (faster tests).
   rng = np.random.default_rng(0)
-  opt_state = tx.init(params)
+  opt_state = tx.init(params) if opt_state is None else opt_state
   for _ in range(steps):
     noise = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), params)
     params, opt_state = step(params, opt_state, noise)
@@ -220,6 +220,24 @@ def test_without_masking_pruned_weights_become_nonzero():
   m = np.asarray(masks["encoder"]["layers"][1]["dense"]["kernel"])
   w = np.asarray(trained["encoder"]["layers"][1]["dense"]["kernel"])
   assert (w[~m] != 0.0).all()
+
+
+def test_mid_training_pruning_needs_masking_after_adam_not_before():
+  # Adam trains unpruned for a while, so its moments hold past gradients.
+  params, adam_state = _noisy_adam_run(optax.adam(1e-2), _params(), steps=3)
+  params, masks = pruning.prune(params, sparsity=0.5)
+  keep = np.asarray(masks["encoder"]["layers"][0]["attention"]["query"]["kernel"])
+
+  def pruned_weights(tx, opt_state):
+    trained, _ = _noisy_adam_run(tx, params, steps=2, opt_state=opt_state)
+    return np.asarray(trained["encoder"]["layers"][0]["attention"]["query"]["kernel"])[~keep]
+
+  mask_state = pruning.MaskedUpdatesState(masks=masks)
+  after = optax.chain(optax.adam(1e-2), pruning.masked_updates(masks))
+  assert (pruned_weights(after, (adam_state, mask_state)) == 0.0).all()
+  # masking the (noisy) gradients before Adam leaves the stale moments active
+  before = optax.chain(pruning.masked_updates(masks), optax.adam(1e-2))
+  assert (pruned_weights(before, (mask_state, adam_state)) != 0.0).all()
 
 
 def test_masks_in_optimizer_state_can_be_replaced_without_retracing():
@@ -321,3 +339,21 @@ def test_gradual_pruning_masks_only_shrink_and_hit_exact_counts():
       noise = pruning.mask_updates(noise, masks)
     params = jax.tree.map(lambda p, n: p + 0.5 * n, params, noise)
   assert pruning.sparsity_report(params, masks)["sparsity/total"] == 76 / 96
+
+
+def test_mismatched_masks_are_rejected():
+  masks = pruning.magnitude_masks(_params(), sparsity=0.5)
+  with pytest.raises(ValueError, match="does not match"):
+    pruning.sparsity_report({"kernel": jnp.ones((2, 2))}, masks)
+  with pytest.raises(ValueError, match="does not match"):
+    pruning.magnitude_masks({"kernel": jnp.ones((2, 2))}, sparsity=0.5,
+                            previous_masks=masks)
+
+
+def test_magnitude_masks_under_jit():
+  params = _params()
+  eager = pruning.magnitude_masks(params, sparsity=0.3, scope="global")
+  jitted = jax.jit(lambda p: pruning.magnitude_masks(p, sparsity=0.3,
+                                                     scope="global"))(params)
+  for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
+    np.testing.assert_array_equal(a, b)
