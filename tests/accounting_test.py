@@ -23,7 +23,11 @@ Q, SIGMA, STEPS, DELTA = 256 / 60000, 1.1, 14063, 1e-5
 @pytest.fixture(autouse=True)
 def _quiet_absl():
   # dp_accounting logs one line per RDP order it drops at large q.
-  logging.getLogger("absl").setLevel(logging.ERROR)
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  yield
+  logger.setLevel(level)
 
 
 def _eps(accountant="rdp", **kw):
