@@ -51,9 +51,9 @@ def _titles(rng: np.random.Generator, num_items: int) -> tuple[str, ...]:
 
 def generate(*, num_users: int = 2000, num_items: int = 400,
              mean_interactions: float = 30.0, seed: int = 0,
-             num_factors: int = 16, taste_strength: float = 2.5,
-             sequential_strength: float = 1.5,
-             zipf_exponent: float = 0.8) -> dataset.RecDataset:
+             num_factors: int = 8, taste_strength: float = 5.0,
+             sequential_strength: float = 2.0,
+             zipf_exponent: float = 0.6) -> dataset.RecDataset:
   """Generates a synthetic recommendation dataset.
 
   Args:
