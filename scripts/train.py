@@ -7,6 +7,7 @@ the privacy spent is carried over, never reset.
 """
 
 import argparse
+import logging
 import os
 import pathlib
 import sys
@@ -19,6 +20,8 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 
 from privjax import config as config_lib
 from privjax import trainer
+
+logging.getLogger("absl").setLevel(logging.ERROR)  # dp_accounting convergence chatter
 
 
 def parse_args(argv: list[str]) -> tuple[config_lib.Config, pathlib.Path, bool]:
