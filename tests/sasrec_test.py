@@ -189,7 +189,7 @@ def test_jit_traces_once_and_follows_the_dropout_key():
   model = _model(dropout_rate=0.3)
   loss_and_grad, traces = _loss_and_grad(model)
   example = {"history": _histories()[0],
-             "target": jnp.array([-1, -1, -1, 6, 0, 10, 3, 8])}
+             "target": jnp.array([-1, -1, -1, 6, 0, 10, 3, 8], jnp.int32)}
   losses = [float(loss_and_grad(example, _KEY(seed))[0])
             for seed in range(3)]
   assert len(traces) == 1
