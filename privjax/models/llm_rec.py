@@ -49,6 +49,13 @@ same paths without the ``head/`` prefix.
 Everything acts on the last axes: one unbatched example (``input_ids`` of shape
 ``(T,)``) and a batch ``(B, T)`` give the same per-row scores, so the DP code
 can ``vmap`` over examples. No op mixes examples.
+
+Head-only training need not run the encoder at every step: with the encoder
+frozen, ``head_examples`` precomputes each example's pooled text embedding
+once and a ``RecHead`` trains on those (see ``precompute_user_embeddings``
+for why that is still DP). MovieLens titles take 7 word pieces on average
+(27 at most) plus one for the separator, so 64 tokens hold the last 7 or 8
+items of a history.
 """
 
 import dataclasses
