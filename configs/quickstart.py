@@ -10,7 +10,7 @@ accountant, sigma calibrated to exactly this run length), then the same model
 without privacy, then a popularity baseline, and prints a table of test
 HR@10 / NDCG@10 (full ranking over unseen items).
 
-Expected (2000 synthetic users, 400 items, seed 0): see README "Quickstart".
+Expected (5000 synthetic users, 400 items, seed 0): see README "Quickstart".
 """
 
 from privjax import config as config_lib
@@ -19,13 +19,14 @@ from privjax import config as config_lib
 def get_config() -> config_lib.Config:
   return config_lib.Config(
       name="quickstart",
-      data=config_lib.DataConfig(source="synthetic", num_users=2000, num_items=400,
+      data=config_lib.DataConfig(source="synthetic", num_users=5000, num_items=400,
                                  mean_interactions=30, max_len=10,
                                  max_examples_per_user=16),
-      model=config_lib.ModelConfig(name="mlp", embed_dim=32, hidden_dim=128),
+      model=config_lib.ModelConfig(name="mlp", embed_dim=16, hidden_dim=64),
       privacy=config_lib.PrivacyConfig(enabled=True, unit="user", target_epsilon=8.0,
-                                       l2_clip_norm=1.0, accountant="rdp"),
-      train=config_lib.TrainConfig(steps=300, batch_size=256, learning_rate=3e-3,
+                                       l2_clip_norm=1.0, accountant="rdp",
+                                       clipping="auto"),
+      train=config_lib.TrainConfig(steps=300, batch_size=512, learning_rate=1e-2,
                                    log_every=25, checkpoint_every=100),
       compare_baselines=True,
   )
