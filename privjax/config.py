@@ -49,9 +49,27 @@ class DataConfig:
 @dataclasses.dataclass(kw_only=True)
 class ModelConfig:
   """Which model, and its sizes."""
+  # "mlp", "sasrec" or "llm".
   name: str = "mlp"
   embed_dim: int = 32
+  # MLP hidden width; SASRec feed-forward width (0: embed_dim).
   hidden_dim: int = 128
+  # SASRec.
+  num_layers: int = 2
+  num_heads: int = 1
+  dropout: float = 0.0
+  # LLM recommender: a folder with config.json + model.safetensors + tokenizer
+  # ("" = the installed all-MiniLM-L6-v2).
+  pretrained: str = ""
+  # Which parameters train: "full", "last_k", "lora" or "head"; the others are
+  # frozen (no update, no noise).
+  trainable: str = "head"
+  last_k: int = 1
+  lora_rank: int = 8
+  proj_dim: int = 0            # 0: the encoder width
+  use_id_head: bool = False
+  max_tokens: int = 64
+  max_history_items: int = 20
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -123,6 +141,8 @@ class Config:
 
 _CHOICES = {
     "data.source": ("synthetic", "movielens", "tfds"),
+    "model.name": ("mlp", "sasrec", "llm"),
+    "model.trainable": ("full", "last_k", "lora", "head"),
     "privacy.unit": ("user", "example"),
     "privacy.clipping": ("vmap", "ghost", "auto"),
     "privacy.accountant": ("rdp", "pld"),
@@ -143,7 +163,9 @@ def validate(cfg: Config) -> Config:
       bad(field, value, f"must be one of {list(choices)}")
   for field in ("data.num_users", "data.num_items", "data.max_len",
                 "data.max_examples_per_user", "model.embed_dim",
-                "model.hidden_dim", "train.batch_size", "eval.k",
+                "model.num_layers", "model.num_heads", "model.last_k",
+                "model.lora_rank", "model.max_tokens", "model.max_history_items",
+                "train.batch_size", "eval.k",
                 "eval.batch_size"):
     if get(cfg, field) <= 0:
       bad(field, get(cfg, field), "must be > 0")
@@ -156,6 +178,17 @@ def validate(cfg: Config) -> Config:
   if not cfg.data.mean_interactions >= 3:
     bad("data.mean_interactions", cfg.data.mean_interactions,
         "must be >= 3 (leave-last-out needs 3 interactions per user)")
+  if cfg.model.hidden_dim < 0 or cfg.model.proj_dim < 0:
+    bad("model.hidden_dim" if cfg.model.hidden_dim < 0 else "model.proj_dim",
+        min(cfg.model.hidden_dim, cfg.model.proj_dim), "must be >= 0")
+  if not 0 <= cfg.model.dropout < 1:
+    bad("model.dropout", cfg.model.dropout, "must be in [0, 1)")
+  if cfg.model.name == "sasrec" and cfg.model.embed_dim % cfg.model.num_heads:
+    bad("model.num_heads", cfg.model.num_heads,
+        f"must divide model.embed_dim={cfg.model.embed_dim}")
+  if cfg.model.name == "llm" and cfg.data.max_len < cfg.model.max_history_items:
+    bad("data.max_len", cfg.data.max_len, "must be >= model.max_history_items="
+        f"{cfg.model.max_history_items} (evaluation histories are that long)")
   if not (cfg.train.learning_rate > 0 and math.isfinite(cfg.train.learning_rate)):
     bad("train.learning_rate", cfg.train.learning_rate, "must be > 0 and finite")
   if cfg.data.source == "movielens" and not cfg.data.path:

