@@ -21,3 +21,14 @@ def ml100k_path() -> pathlib.Path:
 
 # Fixture generators need torch; they are scripts, not tests.
 collect_ignore_glob = ["fixtures/*"]
+
+
+def pytest_configure(config):
+  """Share compiled XLA programs between tests of one run (many tests build the
+  same step for the same shapes); a fresh directory per run keeps runs honest."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  cache = tempfile.mkdtemp(prefix="privjax-xla-cache-")
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
