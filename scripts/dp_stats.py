@@ -86,7 +86,7 @@ def _parse(argv):
   parser.add_argument("--top", type=int, default=10, help="top items to print")
   parser.add_argument("--out", default=None, help="write the answers as JSON")
   parser.add_argument("--seed", type=int, default=None,
-                      help="seeded noise: reproducible, NOT secure")
+                      help="release: seeded noise, reproducible and NOT secure")
   parser.add_argument("--evaluate", action="store_true",
                       help="HR/NDCG of the DP popularity recommender")
   parser.add_argument("--epsilons", type=_floats, default=[0.1, 1.0, 10.0],
@@ -107,6 +107,9 @@ def _parse(argv):
   if args.evaluate:
     if args.epsilon is not None:
       parser.error("--epsilon is for a release; with --evaluate use --epsilons")
+    if args.seed is not None:
+      parser.error("--seed is for a release; --evaluate uses seeds 0..S-1 "
+                   "(--seeds S)")
   elif args.epsilon is None:
     parser.error("--epsilon is required (or --evaluate)")
   elif not (args.epsilon > 0 and math.isfinite(args.epsilon)):
@@ -173,17 +176,19 @@ def release(ds, *, epsilon: float, delta: float | None, queries, max_items: int,
                   event=repr(spent.event))
     results.append(result)
   mech = mechanism or ("discrete_gaussian" if delta else "discrete_laplace")
+  if seed is not None:
+    noise = f"seeded (seed={seed}), NOT secure: simulation only"
+  elif mech in ("discrete_laplace", "discrete_gaussian"):
+    noise = "exact, secure (secrets.SystemRandom)"
+  else:
+    noise = "floating point, NOT safe for release (Mironov 2012)"
   return {
       "dataset": ds.name,
       "num_items": ds.num_items,
       "unit_of_privacy": "user (all of a user's ratings)",
       "neighbouring": "add or remove one user",
       "mechanism": mech,
-      "noise": ("secure (secrets.SystemRandom)" if seed is None and
-                mech in ("discrete_laplace", "discrete_gaussian") else
-                f"seeded (seed={seed}), NOT secure: simulation only"
-                if seed is not None else
-                "floating point, NOT safe for release (Mironov 2012)"),
+      "noise": noise,
       "budget": {"epsilon": epsilon, "delta": delta or 0.0,
                  "spent_epsilon": budget.spent_epsilon,
                  "accountant": "basic composition / rdp, the smaller"},

@@ -291,6 +291,7 @@ def test_dp_stats_rejects_bad_input_in_a_subprocess(tmp_path):
     (["--epsilon", "1", "--mechanism", "gaussian"], "delta"),
     (["--evaluate", "--epsilons", "0.1,0"], "epsilon=0.0 must be finite"),
     (["--evaluate", "--epsilon", "1"], "--epsilons"),
+    (["--evaluate", "--seed", "1"], "--seeds S"),
 ])
 def test_dp_stats_rejects_bad_input(ml_folder, args, message, capsys):
   with pytest.raises(SystemExit) as exit_info:
