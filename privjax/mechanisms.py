@@ -687,6 +687,17 @@ def _bounded_histogram(user, bins, num_bins: int, max_per_user: int,
   return np.bincount(pairs[keep, 1].astype(np.int64), minlength=num_bins)
 
 
+def _bounded_row_histogram(user, bins, num_bins: int, max_per_user: int,
+                           seed: int) -> np.ndarray:
+  """Rows per bin, each user keeping at most ``max_per_user`` rows (NOT private)."""
+  bins = np.asarray(bins)
+  if bins.size and (bins.min() < 0 or bins.max() >= num_bins):
+    raise ValueError(f"bins must lie in [0, num_bins={num_bins}); got "
+                     f"[{bins.min()}, {bins.max()}]")
+  keep = _bounded_rows(user, max_per_user, seed)
+  return np.bincount(bins[keep].astype(np.int64), minlength=num_bins)
+
+
 # =============================================================================
 # Queries
 # =============================================================================
@@ -848,7 +859,8 @@ def histogram(user, bins, *, num_bins: int, max_contributions_per_user: int,
               epsilon: float, delta: float | None = None,
               mechanism: str | None = None, calibration: str = "analytic",
               rng=None, budget: PrivacyBudget | None = None, seed: int = 0,
-              name: str = "histogram") -> tuple[np.ndarray, dp_accounting.DpEvent]:
+              count_rows: bool = False, name: str = "histogram"
+              ) -> tuple[np.ndarray, dp_accounting.DpEvent]:
   """(epsilon, delta)-DP histogram of distinct users per bin over a public domain.
 
   A user counts at most once per bin and in at most m =
@@ -859,6 +871,10 @@ def histogram(user, bins, *, num_bins: int, max_contributions_per_user: int,
   included (releasing only non-empty bins would leak). Other arguments as in
   ``count``.
 
+  ``count_rows=True`` counts rows instead of distinct users (e.g. ratings per
+  star value): a user keeps at most m rows, chosen as in ``count``, wherever
+  they fall. All m may land in one bin, so L1 = L2 = m.
+
   Returns:
     (float64 [num_bins] noisy counts, the DpEvent).
 
@@ -867,16 +883,25 @@ def histogram(user, bins, *, num_bins: int, max_contributions_per_user: int,
   >>> histogram(user, bins, num_bins=4, max_contributions_per_user=3,
   ...           epsilon=1.0, rng=0)[1]
   DiscreteLaplaceDpEvent(noise_parameter=0.3333333333333333, sensitivity=3)
+  >>> ratings = np.array([5, 5, 5, 4, 3])   # a huge epsilon shows the true counts
+  >>> [histogram(user, ratings - 1, num_bins=5, max_contributions_per_user=3,
+  ...            epsilon=1e9, count_rows=rows, rng=0)[0].tolist()
+  ...  for rows in (False, True)]
+  [[0.0, 0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0, 2.0]]
   """
   mechanism, delta = _prepare(mechanism, epsilon, delta,
                               max_contributions_per_user, user, ("bins", bins))
   if not (isinstance(num_bins, (int, np.integer)) and num_bins >= 1):
     raise ValueError(f"num_bins={num_bins!r} must be an int >= 1")
   m = int(max_contributions_per_user)
-  noise = calibrate(mechanism, l1_sensitivity=m, l2_sensitivity=math.sqrt(m),
+  noise = calibrate(mechanism, l1_sensitivity=m,
+                    l2_sensitivity=m if count_rows else math.sqrt(m),
                     epsilon=epsilon, delta=delta, calibration=calibration)
   _spend(budget, noise, name)
-  true = _bounded_histogram(user, bins, num_bins, m, seed)
+  if count_rows:
+    true = _bounded_row_histogram(user, bins, num_bins, m, seed)
+  else:
+    true = _bounded_histogram(user, bins, num_bins, m, seed)
   return add_noise(noise, true, rng), noise.event
 
 
