@@ -145,12 +145,29 @@ def _tokenizer(path: str):
   return bert.load_tokenizer(path)
 
 
+@functools.lru_cache(maxsize=2)
+def _pretrained(path: str, titles: tuple[str, ...]):
+  """Pretrained encoder (as graphdef + state) and the cached title embeddings.
+
+  Cached per process: titles are public, and a sweep builds the same model
+  many times. Each build merges a fresh module from this state.
+  """
+  bert_config, encoder = bert.load_hf_weights(path, with_pooler=False)
+  title_tokens = bert.encode_texts(_tokenizer(path), list(titles), 32)
+  cache = llm_rec.encode_titles(encoder, title_tokens, batch_size=64)
+  return bert_config, nnx.split(encoder), cache
+
+
 def _llm_build(cfg, ds, rngs):
   m = cfg.model
-  return llm_rec.build(
-      pretrained_dir(cfg), titles=list(ds.item_titles), num_items=ds.num_items,
-      proj_dim=m.proj_dim or None, use_id_head=m.use_id_head,
-      lora_rank=m.lora_rank if m.trainable == "lora" else 0, rngs=rngs)
+  bert_config, (graphdef, state), cache = _pretrained(
+      str(pretrained_dir(cfg)), tuple(ds.item_titles))
+  config = llm_rec.LLMRecConfig(
+      bert=bert_config, num_items=ds.num_items, proj_dim=m.proj_dim or None,
+      use_id_head=m.use_id_head, lora_rank=m.lora_rank if m.trainable == "lora" else 0)
+  encoder = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
+  return llm_rec.LLMRecommender(config, encoder=encoder, title_embeddings=cache,
+                                rngs=rngs)
 
 
 def _llm_examples(cfg, split, ds, model):
@@ -163,8 +180,25 @@ def _llm_examples(cfg, split, ds, model):
     # The encoder is frozen: each example's pooled text embedding is a fixed
     # function of that example alone, so DP-SGD on the head over them has the
     # same guarantee (see llm_rec.precompute_user_embeddings).
-    examples = llm_rec.head_examples(model, examples)
+    examples = {"pooled": _pooled(cfg, model, examples), "target": examples["target"]}
   return examples, users
+
+
+# Pooled embeddings of the frozen pretrained encoder, cached in memory by
+# (encoder folder, token ids): a sweep re-trains the head many times on the
+# same texts. Never written to disk (they are as private as the histories).
+_POOLED_CACHE: dict[tuple, np.ndarray] = {}
+
+
+def _pooled(cfg, model, tokens) -> np.ndarray:
+  ids = np.ascontiguousarray(tokens["input_ids"])
+  key = (str(pretrained_dir(cfg)), ids.shape, hash(ids.tobytes()),
+         hash(np.ascontiguousarray(tokens["attention_mask"]).tobytes()))
+  if key not in _POOLED_CACHE:
+    if len(_POOLED_CACHE) > 8:
+      _POOLED_CACHE.clear()
+    _POOLED_CACHE[key] = llm_rec.precompute_user_embeddings(model, tokens).astype(np.float32)
+  return _POOLED_CACHE[key]
 
 
 def _llm_loss(cfg):
@@ -179,7 +213,7 @@ def _llm_eval_inputs(cfg, eval_set, ds, model):
       eval_set, ds.item_titles, _tokenizer(str(pretrained_dir(cfg))),
       max_tokens=m.max_tokens, max_items=m.max_history_items)
   if m.trainable == "head":
-    return {"pooled": llm_rec.precompute_user_embeddings(model, tokens)}
+    return {"pooled": _pooled(cfg, model, tokens)}
   return tokens
 
 
