@@ -115,6 +115,22 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(kw_only=True)
+class PruneConfig:
+  """Gradual magnitude pruning during training (Zhu & Gupta 2017 schedule).
+
+  Masks are computed from the current (already private) parameters, never
+  from data: post-processing, no privacy cost. Pruned weights stay exactly
+  zero: their updates, noise included, are masked after the optimizer.
+  """
+  sparsity: float = 0.0       # final sparsity; 0 turns pruning off
+  start_step: int = 0
+  end_step: int = 0
+  frequency: int = 50
+  scope: str = "per_layer"    # or "global"
+  pattern: str = "*kernel"    # which leaves (2-D only), "/"-joined paths
+
+
+@dataclasses.dataclass(kw_only=True)
 class EvalConfig:
   """Leave-last-out evaluation."""
   k: int = 10
@@ -134,6 +150,7 @@ class Config:
   privacy: PrivacyConfig = dataclasses.field(default_factory=PrivacyConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
   eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+  prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
   # Also train the same model without privacy, and a popularity baseline,
   # and print the three side by side.
   compare_baselines: bool = False
@@ -148,6 +165,7 @@ _CHOICES = {
     "privacy.accountant": ("rdp", "pld"),
     "privacy.overflow": ("grow", "truncate", "refuse"),
     "train.optimizer": ("adam", "sgd", "adamw"),
+    "prune.scope": ("per_layer", "global"),
 }
 
 
@@ -196,6 +214,16 @@ def validate(cfg: Config) -> Config:
         "data.source='movielens'")
   if cfg.data.source == "tfds" and not cfg.data.tfds_name:
     bad("data.tfds_name", cfg.data.tfds_name, "must be set when data.source='tfds'")
+
+  pr = cfg.prune
+  if not 0 <= pr.sparsity < 1:
+    bad("prune.sparsity", pr.sparsity, "must be in [0, 1)")
+  if pr.sparsity > 0:
+    if not 0 <= pr.start_step <= pr.end_step <= cfg.train.steps:
+      bad("prune.end_step", pr.end_step, f"must satisfy 0 <= prune.start_step="
+          f"{pr.start_step} <= prune.end_step <= train.steps={cfg.train.steps}")
+    if pr.frequency <= 0:
+      bad("prune.frequency", pr.frequency, "must be > 0")
 
   p = cfg.privacy
   if not (p.l2_clip_norm > 0 and math.isfinite(p.l2_clip_norm)):

@@ -43,6 +43,7 @@ from privjax import ghost
 from privjax import mechanisms
 from privjax import metrics as metrics_lib
 from privjax import noise
+from privjax import pruning
 from privjax import sampling
 from privjax import tasks
 from privjax.data import dataset as dataset_lib
@@ -119,12 +120,26 @@ def build_workload(cfg: config_lib.Config) -> Workload:
                   score_fn)
 
 
-def make_optimizer(cfg: config_lib.TrainConfig) -> optax.GradientTransformation:
-  if cfg.optimizer == "adam":
-    return optax.adam(cfg.learning_rate)
-  if cfg.optimizer == "adamw":
-    return optax.adamw(cfg.learning_rate)
-  return optax.sgd(cfg.learning_rate)
+def make_optimizer(cfg: config_lib.Config, params
+                   ) -> tuple[optax.GradientTransformation, pruning.GradualPruning | None]:
+  """The optax optimizer of a run, and its gradual-pruning schedule if any."""
+  t = cfg.train
+  if t.optimizer == "adam":
+    optimizer = optax.adam(t.learning_rate)
+  elif t.optimizer == "adamw":
+    optimizer = optax.adamw(t.learning_rate)
+  else:
+    optimizer = optax.sgd(t.learning_rate)
+  if cfg.prune.sparsity <= 0:
+    return optimizer, None
+  schedule = pruning.GradualPruning(
+      final_sparsity=cfg.prune.sparsity, start_step=cfg.prune.start_step,
+      end_step=cfg.prune.end_step, frequency=cfg.prune.frequency,
+      scope=cfg.prune.scope, pattern=cfg.prune.pattern)
+  # Last in the chain: the update of a pruned weight (noise included) is 0.
+  optimizer = optax.chain(optimizer, pruning.masked_updates(
+      pruning.magnitude_masks(params, sparsity=0.0, pattern=cfg.prune.pattern)))
+  return optimizer, schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -411,7 +426,7 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str | pathlib.Path, *,
   loss_fun, score_fn = w.loss_fun, w.score_fn
   clipping_mode = choose_clipping(cfg.privacy.clipping, loss_fun, params, frozen,
                                   examples, unit_rows) if plan.private else "vmap"
-  optimizer = make_optimizer(cfg.train)
+  optimizer, schedule = make_optimizer(cfg, params)
   step_fn = dp_step.make_step(loss_fun, optimizer, dp_step.StepConfig(
       private=plan.private, l2_clip_norm=cfg.privacy.l2_clip_norm,
       noise_multiplier=plan.noise_multiplier,
@@ -463,6 +478,15 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str | pathlib.Path, *,
   bar = tqdm.tqdm(total=plan.steps, initial=start, disable=not show_progress,
                   desc=cfg.name, dynamic_ncols=True)
   for step in range(start, plan.steps):
+    if schedule is not None and schedule.is_due(step):
+      # Masks from the current private parameters: post-processing.
+      masks = optax.tree_utils.tree_get(state.opt_state, "masks")
+      new_params, masks = pruning.update_masks_if_due(state.params, masks, step,
+                                                      schedule=schedule)
+      state = jax.device_put(state._replace(
+          params=new_params,
+          opt_state=optax.tree_utils.tree_set(state.opt_state, masks=masks)),
+          dp_step.replicated(mesh))
     batch = sampler.sample(step, num_units)
     host_batch, mask = _gather(examples, unit_rows, batch)
     device_batch = jax.device_put(host_batch, batch_sharding)
@@ -477,6 +501,10 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str | pathlib.Path, *,
         stop_reason = f"non-finite loss at step {done}"
         break
       eps = plan.epsilon(done)
+      if schedule is not None:
+        masks = optax.tree_utils.tree_get(state.opt_state, "masks")
+        last_metrics["sparsity"] = pruning.sparsity_report(state.params, masks)[
+            "sparsity/total"]
       write({"step": done, "epsilon": _finite_or_str(eps), **last_metrics,
              "nonprivate/batch_padded": int(len(batch.indices)),
              "steps_per_sec": (done - start) / max(time.time() - t_loop, 1e-9)})
@@ -565,7 +593,7 @@ def load_trained(workdir: str | pathlib.Path) -> tuple[Workload, Any, int]:
   if step is None:
     raise FileNotFoundError(f"{str(workdir)!r} has no checkpoint")
   w = build_workload(cfg)
-  like = dp_step.init_state(w.params, make_optimizer(cfg.train))
+  like = dp_step.init_state(w.params, make_optimizer(cfg, w.params)[0])
   restored, _ = ckpt.restore(step, like)
   ckpt.close()
   return w, restored.params, step

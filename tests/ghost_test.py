@@ -160,3 +160,59 @@ def test_gram_and_direct_rules_agree():
   gram = jnp.sum(jnp.einsum("gti,gsi->gts", a, a) * jnp.einsum("gto,gso->gts", b, b), (1, 2))
   np.testing.assert_allclose(ghost._outer_sq(a, b), direct, rtol=1e-5)   # pylint: disable=protected-access
   np.testing.assert_allclose(gram, direct, rtol=1e-5)
+
+
+def _sasrec_setup(tied: bool):
+  from privjax.models import sasrec  # pylint: disable=g-import-not-at-top
+  cfg = sasrec.SASRecConfig(num_items=12, max_len=6, embed_dim=8, num_layers=1,
+                            num_heads=2, tie_embeddings=tied)
+  graphdef, params, rest = _pure(sasrec.SASRec(cfg, rngs=nnx.Rngs(0)))
+
+  def loss(p, ex, rng):
+    return sasrec.sequence_loss(nnx.merge(graphdef, nnx.State(p), rest), ex, rng)
+
+  rng = np.random.default_rng(4)
+  hist = rng.integers(1, 13, size=(4, 2, 6))
+  hist[:, :, :2] = 0                       # left padding
+  hist[:, :, 3] = hist[:, :, 4]            # repeated items
+  hist[:, 1] = hist[:, 0]                  # repeated windows within a group
+  target = np.where(hist > 0, rng.integers(0, 12, size=hist.shape), -1)
+  batch = {"history": jnp.asarray(hist, jnp.int32), "target": jnp.asarray(target, jnp.int32)}
+  return loss, params, batch
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_sasrec_ghost_equals_vmap(tied):
+  loss, params, batch = _sasrec_setup(tied)
+  mask = jnp.ones((4, 2)).at[3, 1].set(0.0)
+  exact = clipping.clipped_grad_sum(loss, l2_clip_norm=0.5)(params, batch, mask)
+  fast = ghost.clipped_grad_sum(loss, l2_clip_norm=0.5)(params, batch, mask)
+  cov = ghost.coverage(loss, params, jax.tree.map(lambda x: x[0, 0], batch))
+  assert cov.complete
+  assert bool(cov.shared) == tied
+  _assert_same(fast, exact)
+
+
+def test_bert_recommender_ghost_equals_vmap():
+  from privjax.models import bert  # pylint: disable=g-import-not-at-top
+  from privjax.models import llm_rec  # pylint: disable=g-import-not-at-top
+  model = llm_rec.build_random(bert.BertConfig.tiny(), num_items=9, use_id_head=True,
+                               rngs=nnx.Rngs(0))
+  graphdef, params, rest = _pure(model)
+
+  def loss(p, ex, rng):
+    return llm_rec.loss(nnx.merge(graphdef, nnx.State(p), rest), ex, rng)
+
+  rng = np.random.default_rng(5)
+  ids = rng.integers(1, 99, size=(3, 2, 7))
+  ids[:, :, 2] = ids[:, :, 5]                              # repeated tokens
+  att = np.ones((3, 2, 7), np.int32)
+  att[:, :, 5:] = 0                                        # token padding
+  ids = np.where(att > 0, ids, 0)
+  batch = {"input_ids": jnp.asarray(ids, jnp.int32), "attention_mask": jnp.asarray(att),
+           "target": jnp.asarray(rng.integers(0, 9, (3, 2)), jnp.int32)}
+  mask = jnp.ones((3, 2)).at[2, 1].set(0.0)
+  assert ghost.coverage(loss, params, jax.tree.map(lambda x: x[0, 0], batch)).complete
+  exact = clipping.clipped_grad_sum(loss, l2_clip_norm=0.3)(params, batch, mask)
+  fast = ghost.clipped_grad_sum(loss, l2_clip_norm=0.3)(params, batch, mask)
+  _assert_same(fast, exact)

@@ -146,3 +146,17 @@ def test_dp_beats_nothing_but_runs_and_popularity_is_sane(tmp_path):
   pop = trainer.popularity_metrics(cfg, w.split, w.ds)
   assert 0 < pop["hr@10"] < 1 and pop["num_users"] == 200
   assert math.isfinite(pop["ndcg@10"])
+
+
+def test_gradual_pruning_keeps_pruned_weights_exactly_zero_through_dp_steps(tmp_path):
+  from privjax import pruning  # pylint: disable=g-import-not-at-top
+  cfg = _cfg(**{"prune.sparsity": 0.5, "prune.start_step": 0, "prune.end_step": 2,
+                "prune.frequency": 1, "train.steps": 6})
+  trainer.train_and_evaluate(cfg, tmp_path, show_progress=False)
+  params = _params(tmp_path)
+  for path in pruning.selected_paths(params, pattern="*kernel"):
+    leaf = np.asarray(params[path.split("/")[0]][path.split("/")[1]])
+    # Exactly half of each kernel is zero after 4 more noisy DP steps.
+    assert np.sum(leaf == 0.0) == leaf.size // 2, path
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [l["sparsity"] for l in lines if "sparsity" in l][-1] == pytest.approx(0.5, abs=0.01)
