@@ -58,6 +58,9 @@ class ModelConfig:
   num_layers: int = 2
   num_heads: int = 1
   dropout: float = 0.0
+  # Score with the input item table (fewer parameters to noise; ghost clipping
+  # handles the shared table exactly).
+  tie_embeddings: bool = False
   # LLM recommender: a folder with config.json + model.safetensors + tokenizer
   # ("" = the installed all-MiniLM-L6-v2).
   pretrained: str = ""

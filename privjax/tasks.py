@@ -96,7 +96,8 @@ def _sasrec_config(cfg, num_items) -> sasrec.SASRecConfig:
   return sasrec.SASRecConfig(
       num_items=num_items, max_len=cfg.data.max_len, embed_dim=m.embed_dim,
       num_layers=m.num_layers, num_heads=m.num_heads,
-      ffn_dim=m.hidden_dim or None, dropout_rate=m.dropout)
+      ffn_dim=m.hidden_dim or None, dropout_rate=m.dropout,
+      tie_embeddings=m.tie_embeddings)
 
 
 def _sasrec_build(cfg, ds, rngs):
