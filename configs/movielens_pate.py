@@ -25,10 +25,13 @@ feed the student and the public candidate pool). More teachers mean larger
 vote counts against the same noise; 50 tiny teachers train together in about
 a minute here.
 
-Expected (see docs_private_inference.md for the measured table): at epsilon
-1-8 over 100 or 1000 answers, the ensemble's answers over the whole catalogue
-are at chance level, while the DP-SGD model at the same epsilon answers any
-number of queries near the non-private model.
+Expected (seed 0, measured; the table is in docs_private_inference.md): at
+epsilon 1-8 spread over 100 or 1000 answers, the ensemble's noisy top-10 over
+the whole catalogue is at chance level (HR@10 ~0.006), 0.03-0.04 inside a
+public pool of 100 items; the DP-SGD model answers any number of queries for
+free at HR@10 0.075-0.077 (epsilon 1-8), the non-private twin 0.065, the
+student 0.047 (epsilon 8), popularity 0.084. About 10 minutes on a shared
+2-core CPU.
 """
 
 from privjax import config as config_lib

@@ -41,9 +41,10 @@ noisy argmax / top-k of that histogram, with the guarantee and cost stated in
 pays its mechanism; under Confident GNMax every query also pays the threshold
 check). A session of answers is ``(epsilon_budget, delta)``-DP for each
 training user, whatever the queries. The shard assignment depends on the seed
-only, not on the data, so it may be public. Items a query has already seen are
-excluded from its answer: they come from the query, not from the training
-users, and teachers never vote for them, so the sensitivity is unchanged.
+only, not on the data, so it may be public. Items a query has already seen
+(and, optionally, items outside a public candidate pool) are excluded from
+votes and answers: they come from the query and public data, not from the
+training users, and no teacher votes for them, so the sensitivity is unchanged.
 
 What this does NOT protect. The teachers themselves are NOT private: each is
 an ordinary model fitted to its shard and can memorise it. Teacher parameters,
@@ -337,7 +338,8 @@ def top_unseen(w: trainer.Workload, params, inputs: dict[str, np.ndarray],
     w: the workload (its ``score_fn`` scores every item).
     params: one model's params, or ``stacked`` teachers' params ``[m, ...]``.
     inputs: model inputs with a leading query axis ``[Q, ...]``.
-    seen: bool [Q, num_items], the items each query has already seen.
+    seen: bool [Q, num_items], items never proposed (those each query has
+      already seen, or any other public exclusion).
     k: items per model and query.
     stacked: whether ``params`` has a leading teacher axis.
 
@@ -465,19 +467,19 @@ class AnswerSpec:
     return max(scales)
 
 
-def _floor_seen(counts: np.ndarray, seen: np.ndarray, spec: AnswerSpec,
-                sensitivity: noisy_argmax.Sensitivity) -> np.ndarray:
-  # Seen items get a public constant (it depends on the spec only, never on
-  # the counts) so far below any count that noise of this scale lifts one
-  # above an unseen item with probability < exp(-1000). The seen set is part
-  # of the query, not of the training data, and teachers never vote for those
-  # items, so this changes no sensitivity.
+def _floor_excluded(counts: np.ndarray, excluded: np.ndarray, spec: AnswerSpec,
+                    sensitivity: noisy_argmax.Sensitivity) -> np.ndarray:
+  # Excluded items get a public constant (it depends on the spec only, never
+  # on the counts) so far below any count that noise of this scale lifts one
+  # above an allowed item with probability < exp(-1000). The excluded set
+  # comes from the query and public data, not from the training users, and
+  # teachers never vote for those items, so this changes no sensitivity.
   floor = -(1e9 + 2000.0 * spec.noise_scale(sensitivity))
-  return np.where(seen, floor, counts.astype(np.float64)).astype(np.float32)
+  return np.where(excluded, floor, counts.astype(np.float64)).astype(np.float32)
 
 
 def answer(session: noisy_argmax.QuerySession, counts: np.ndarray,
-           sensitivity: noisy_argmax.Sensitivity, seen: np.ndarray,
+           sensitivity: noisy_argmax.Sensitivity, excluded: np.ndarray,
            spec: AnswerSpec) -> np.ndarray:
   """Noisy top-k of vote histograms within a session's budget.
 
@@ -487,7 +489,9 @@ def answer(session: noisy_argmax.QuerySession, counts: np.ndarray,
       kept) if the answer would exceed its budget.
     counts: int [num_items] or [Q, num_items] vote histograms (``vote_counts``).
     sensitivity: their sensitivity to one user (``vote_counts``).
-    seen: bool, same shape: items the query has seen, never answered.
+    excluded: bool, same shape: items never answered, e.g. those the query
+      has seen, or those outside a public candidate pool. It must not depend
+      on the training users (the guarantee treats it as public).
     spec: mechanism and its parameters.
 
   Returns:
@@ -499,12 +503,13 @@ def answer(session: noisy_argmax.QuerySession, counts: np.ndarray,
   them and stays within its (epsilon, delta) budget.
   """
   counts = np.asarray(counts)
-  seen = np.asarray(seen, bool)
-  if counts.shape != seen.shape:
-    raise ValueError(f"counts.shape={counts.shape} must equal seen.shape={seen.shape}")
-  if ((~seen).sum(-1) < spec.k).any():
-    raise ValueError(f"a query has fewer than k={spec.k} unseen items")
-  scores = _floor_seen(counts, seen, spec, sensitivity)
+  excluded = np.asarray(excluded, bool)
+  if counts.shape != excluded.shape:
+    raise ValueError(f"counts.shape={counts.shape} must equal "
+                     f"excluded.shape={excluded.shape}")
+  if ((~excluded).sum(-1) < spec.k).any():
+    raise ValueError(f"a query has fewer than k={spec.k} items left to answer")
+  scores = _floor_excluded(counts, excluded, spec, sensitivity)
   if spec.confident:
     answered, choice = session.confident_argmax(
         scores, threshold=spec.threshold, sigma_threshold=spec.sigma_threshold,
@@ -617,16 +622,20 @@ class Ensemble:
   def num_teachers(self) -> int:
     return self.pate.num_teachers
 
-  def votes(self, inputs: dict[str, np.ndarray], seen: np.ndarray,
+  def votes(self, inputs: dict[str, np.ndarray], excluded: np.ndarray,
             votes_per_teacher: int = 1) -> np.ndarray:
-    """int32 [Q, m, votes_per_teacher]: each teacher's top unseen items per query."""
-    return top_unseen(self.w, self.params, inputs, seen, votes_per_teacher, stacked=True)
+    """int32 [Q, m, votes_per_teacher]: each teacher's top items per query
+    among those not ``excluded`` (bool [Q, items]: seen, or outside a public
+    pool). NOT private."""
+    return top_unseen(self.w, self.params, inputs, excluded, votes_per_teacher,
+                      stacked=True)
 
-  def histograms(self, inputs: dict[str, np.ndarray], seen: np.ndarray,
+  def histograms(self, inputs: dict[str, np.ndarray], excluded: np.ndarray,
                  votes_per_teacher: int = 1
                  ) -> tuple[np.ndarray, noisy_argmax.Sensitivity]:
     """Vote histograms [Q, num_items] and their sensitivity. NOT private."""
-    return vote_counts(self.votes(inputs, seen, votes_per_teacher), self.w.ds.num_items)
+    return vote_counts(self.votes(inputs, excluded, votes_per_teacher),
+                       self.w.ds.num_items)
 
 
 def teacher_config(cfg: config_lib.Config) -> config_lib.Config:

@@ -16,6 +16,7 @@ from privjax import trainer
 from privjax.data import sequences
 
 DELTA = 1e-5
+TRACES = []
 
 
 def _cfg(**overrides):
@@ -32,8 +33,12 @@ def _cfg(**overrides):
 
 @pytest.fixture(scope="module")
 def setup():
-  """A tiny workload, 3 shards (+ 12 public users) and their unit rows."""
+  """A tiny workload, 3 shards (+ 12 public users) and their unit rows.
+
+  Its loss counts its traces in ``TRACES``: every teacher training below uses
+  the same step, so the count stays at one compile for the whole module."""
   w = trainer.build_workload(_cfg())
+  w = trainer.Workload(**{**w.__dict__, "loss_fun": _counting(w.loss_fun, TRACES)})
   shards = pate.shard_users(w.ds.num_users, 3, seed=0, num_public=12)
   examples, user_of_row = w.task.train_examples(w.cfg, w.split, w.ds, w.model)
   per_user = sampling.group_rows(user_of_row, num_units=w.ds.num_users,
@@ -94,15 +99,14 @@ def test_bad_shards_are_refused_naming_the_value(args, match):
 # ----------------------------------------------------------------------------
 
 
-def test_vmapped_teachers_equal_teachers_trained_one_by_one(setup):
+def test_vmapped_teachers_equal_teachers_trained_one_by_one(setup, ensemble):
   w, shards, examples, _, per_user = setup
   rows = [per_user[s] for s in shards.shards]
   seeds = pate.teacher_seeds(0, 3)
-  traces = []
-  counted = trainer.Workload(**{**w.__dict__, "loss_fun": _counting(w.loss_fun, traces)})
-  together = pate.train_teachers(counted, examples, rows, seeds=seeds, steps=4, batch_size=8)
-  # One trace (one compile) for all teachers and all steps.
-  assert len(traces) == 1
+  together = pate.train_teachers(w, examples, rows, seeds=seeds, steps=4, batch_size=8)
+  # One trace (one compile) for all teachers and all steps, here and in the
+  # `ensemble` fixture, which trained the same way.
+  assert len(TRACES) == 1
   alone = pate.train_teachers(w, examples, rows, seeds=seeds, steps=4, batch_size=8,
                               vmap=False)
   initial = pate.stack([pate.init_params(w, s) for s in seeds])
@@ -140,8 +144,10 @@ def test_one_users_data_changes_only_their_teacher(setup):
                  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
              for t in range(3)]
   assert differs == [False, True, False]
+  assert len(TRACES) <= 2  # the vmapped step once, the plain one at most once
 
 
+@pytest.mark.slow  # a second workload and compile; recommend_test loads ensembles too
 def test_ensemble_round_trips_through_its_directory_and_warns(tmp_path):
   cfg = _cfg(**{"train.steps": 2})
   trained = pate.train_ensemble(cfg, pate.PateConfig(num_teachers=2, num_public_users=5),
@@ -268,14 +274,14 @@ def test_confident_gnmax_abstains_below_the_threshold_and_pays_every_check():
 @pytest.mark.parametrize("mechanism", pate.MECHANISMS)
 @pytest.mark.parametrize("num_queries", [1, 100])
 def test_calibration_fits_exactly_q_answers_in_the_budget(mechanism, num_queries):
-  sens = noisy_argmax.Sensitivity(linf=1.0, l2=math.sqrt(20), l1=20.0)
+  sens = noisy_argmax.Sensitivity(linf=1.0, l2=math.sqrt(6), l1=6.0)
   spec = pate.calibrate(mechanism, epsilon_budget=4.0, num_queries=num_queries,
-                        sensitivity=sens, k=10, delta=DELTA)
+                        sensitivity=sens, k=3, delta=DELTA)
   eps = pate._epsilon_of(spec.cost(sens, num_queries), DELTA)
   assert 4.0 * (1 - 1e-6) <= eps <= 4.0
   # Less noise would not fit: the calibration is tight, not merely safe.
   x = spec.sigma if mechanism == "gnmax" else spec.epsilon
-  tighter = pate.AnswerSpec(mechanism=mechanism, k=10,
+  tighter = pate.AnswerSpec(mechanism=mechanism, k=3,
                             **({"sigma": x * 0.999} if mechanism == "gnmax"
                                else {"epsilon": x * 1.001}))
   assert pate._epsilon_of(tighter.cost(sens, num_queries), DELTA) > 4.0

@@ -24,8 +24,9 @@ def _cfg(**overrides):
       data=config_lib.DataConfig(num_users=150, num_items=40, mean_interactions=8,
                                  max_len=4, max_examples_per_user=4),
       model=config_lib.ModelConfig(embed_dim=4, hidden_dim=8),
-      privacy=config_lib.PrivacyConfig(target_epsilon=3.0),
-      train=config_lib.TrainConfig(steps=3, batch_size=32, learning_rate=1e-2,
+      # A given sigma and one step: no calibration, one compile of the DP step.
+      privacy=config_lib.PrivacyConfig(noise_multiplier=1.0),
+      train=config_lib.TrainConfig(steps=1, batch_size=32, learning_rate=1e-2,
                                    log_every=1, checkpoint_every=0),
       eval=config_lib.EvalConfig(batch_size=64))
   return config_lib.replace(cfg, **overrides)
@@ -41,8 +42,8 @@ def dp_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ensemble_dir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("pate")
-  cfg = _cfg(**{"privacy.enabled": False, "privacy.target_epsilon": None,
-                "train.batch_size": 8})
+  cfg = _cfg(**{"privacy.enabled": False, "privacy.noise_multiplier": None,
+                "train.batch_size": 8, "train.steps": 3})
   pate.train_ensemble(cfg, pate.PateConfig(num_teachers=3, num_public_users=10), workdir)
   return workdir
 
@@ -146,9 +147,9 @@ def test_pate_gnmax_session_file_uses_rdp_and_names_bad_lines(ensemble_dir, cata
   assert rc == 2 and f"{bad}:2: unknown title 'Unheard Of (1901)'" in err
 
 
+@pytest.mark.slow  # one more trainer run and compile
 def test_non_private_run_is_served_with_a_warning(tmp_path, capsys):
-  cfg = _cfg(**{"privacy.enabled": False, "privacy.target_epsilon": None,
-                "train.steps": 1})
+  cfg = _cfg(**{"privacy.enabled": False, "privacy.noise_multiplier": None})
   trainer.train_and_evaluate(cfg, tmp_path, show_progress=False)
   rc, out, _ = _run(capsys, "--workdir", tmp_path, "--user", "1", "--k", 2)
   assert rc == 0 and len(_listed(out)) == 2
