@@ -18,7 +18,7 @@ how their outputs are aggregated and released.
   3. Votes     for a query (one user's history), every teacher votes its top-1
                (or top-k) items among those the querying user has not seen;
                ``noisy_argmax.vote_histogram`` counts the votes and computes
-               their sensitivity to one user (``teacher_votes``,
+               their sensitivity to one user (``Ensemble.votes``,
                ``vote_counts``).
   4. Answers   the histogram goes through GNMax, Gumbel (exponential
                mechanism) or Laplace report-noisy-max, argmax or top-k, or
