@@ -15,6 +15,7 @@ def test_sasrec_on_ml100k_beats_popularity(ml100k_path, tmp_path):
       "data.path": str(ml100k_path), "privacy.enabled": False,
       "privacy.target_epsilon": None, "data.max_examples_per_user": 1,
       "model.dropout": 0.3, "train.learning_rate": 1e-3, "train.steps": 300,
+      "model.embed_dim": 64, "model.hidden_dim": 64, "model.tie_embeddings": False,
       "train.eval_every": 0})
   result = trainer.train_and_evaluate(cfg, tmp_path, show_progress=False)
   w = trainer.build_workload(config_lib.replace(cfg, **{"model.name": "mlp"}))
