@@ -28,8 +28,11 @@ so an int8 export keeps at least the pruned sparsity.
 Tensors. A leaf with path ``p`` ("/"-joined ``nnx.to_pure_dict`` keys,
 e.g. ``blocks/0/qkv/kernel``) is stored as float32 or, quantized, as int8
 values plus a float32 per-channel scale ``p:scale`` (``privjax.quantization``
-convention: one scale per output unit of a kernel, per row of an embedding
-table). Its values are stored in the smallest of three lossless encodings:
+convention: one scale per output unit of a kernel; per row of an embedding
+table, or per column with ``table_scales="column"``). An int8 tensor costs
+``1/4 + 1/L`` of its float32 size, L the length of a channel (e.g. 26.6% for
+width-64 rows). Its values are stored in the smallest of three lossless
+encodings:
 
 * ``dense``: tensor ``p``;
 * ``bitmask``: ``p:mask`` (uint8, one bit per element, ``np.packbits`` of
@@ -195,16 +198,28 @@ def _unflat(flat: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
-def _channel_axis(path: str) -> int:
-  # One scale per row of a table (an embedding, the cached title
-  # embeddings), per output unit of a kernel.
-  return 0 if path.rsplit("/", 1)[-1] in ("embedding", "title_embeddings") else -1
+TABLE_SCALES = ("row", "column")
+
+
+def _is_table(path: str) -> bool:
+  """An embedding table or the LLM's cached title embeddings: [num, dim]."""
+  return path.rsplit("/", 1)[-1] in ("embedding", "title_embeddings")
+
+
+def _channel_axis_fn(table_scales: str):
+  """One scale per output unit of a kernel; per row (item) or per column
+  (dimension) of a table."""
+  if table_scales not in TABLE_SCALES:
+    raise ValueError(f"table_scales={table_scales!r} must be one of {TABLE_SCALES}")
+  table_axis = 0 if table_scales == "row" else 1
+  return lambda path: table_axis if _is_table(path) else -1
 
 
 def compress(state: dict[str, Any], *, sparsity: float = 0.0,
              n_m: tuple[int, int] | None = None, int8: bool = False,
              pattern: pruning.Pattern = DEFAULT_PRUNE_PATTERN,
-             scope: str = "per_layer") -> tuple[dict[str, Any], dict[str, Any]]:
+             scope: str = "per_layer", table_scales: str = "row"
+             ) -> tuple[dict[str, Any], dict[str, Any]]:
   """One-shot magnitude pruning, then int8 weight-only quantization.
 
   Post-processing of (DP-trained) parameters: reads the weights only, so it
@@ -221,6 +236,10 @@ def compress(state: dict[str, Any], *, sparsity: float = 0.0,
       title cache) to int8 with per-channel scales.
     pattern: leaves to prune (globs / regexes on "/"-joined paths).
     scope: "per_layer" or "global" sparsity.
+    table_scales: int8 scales of embedding tables [num, dim]: "row" (one per
+      item, the more accurate; costs 4 bytes per row, 1/dim of the float32
+      size: 1.6 points for dim 64) or "column" (one per dimension, negligible
+      size). Kernels always get one scale per output unit.
 
   Returns:
     ``(tree, report)``: ``tree`` like ``state`` with ``QTensor`` leaves if
@@ -231,8 +250,9 @@ def compress(state: dict[str, Any], *, sparsity: float = 0.0,
   ...                    "bias": jnp.ones(2)}}
   >>> tree, report = compress(state, sparsity=0.5, int8=True)
   >>> tree["dense"]["kernel"].values.tolist(), report["pruned"]["sparsity/total"]
-  ([[0, -127], [0, 127]], 0.5)
+  ([[0, -85], [0, 127]], 0.5)
   """
+  _channel_axis_fn(table_scales)  # validates it
   if n_m is not None and sparsity:
     raise ValueError(f"give sparsity={sparsity} or n_m={n_m}, not both")
   if not 0.0 <= sparsity <= 1.0:
@@ -249,7 +269,7 @@ def compress(state: dict[str, Any], *, sparsity: float = 0.0,
     report["pruned"] = pruning.sparsity_report(tree, masks)
   if int8:
     tree = quantization.quantize_params(tree, pattern="*",
-                                        channel_axis=_channel_axis)
+                                        channel_axis=_channel_axis_fn(table_scales))
     report["quantized"] = {p: v.channel_axis for p, v in _flat(tree).items()
                            if isinstance(v, quantization.QTensor)}
   return tree, report
@@ -265,7 +285,7 @@ def _n_m_masks(tree, n_m: tuple[int, int], pattern) -> Any:
     path = jax.tree_util.keystr(keys, simple=True, separator="/")
     if path not in chosen:
       return None
-    block_axis = 1 if _channel_axis(path) == 0 else 0
+    block_axis = 1 if _is_table(path) else 0
     return pruning.magnitude_masks({path: leaf}, n_m=n_m, pattern="*",
                                    block_axis=block_axis)[path]
   return jax.tree_util.tree_map_with_path(mask, tree)
@@ -413,7 +433,8 @@ def _file_record(path: pathlib.Path) -> dict[str, Any]:
 def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
            sparsity: float = 0.0, n_m: tuple[int, int] | None = None,
            int8: bool = False, pattern: pruning.Pattern = DEFAULT_PRUNE_PATTERN,
-           scope: str = "per_layer", overwrite: bool = False) -> dict[str, Any]:
+           scope: str = "per_layer", table_scales: str = "row",
+           overwrite: bool = False) -> dict[str, Any]:
   """Exports a finished run's latest checkpoint to ``out`` (see module docstring).
 
   Privacy: post-processing of the run's released parameters; the export
@@ -425,7 +446,7 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
   Args:
     workdir: a privjax run directory (config.json, privacy.json, checkpoints/).
     out: the export directory to create.
-    sparsity, n_m, int8, pattern, scope: as in ``compress``.
+    sparsity, n_m, int8, pattern, scope, table_scales: as in ``compress``.
     overwrite: replace an existing ``out``.
 
   Returns:
@@ -453,7 +474,7 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
   arch = _architecture(family, model)
   state = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
   tree, report = compress(state, sparsity=sparsity, n_m=n_m, int8=int8,
-                          pattern=pattern, scope=scope)
+                          pattern=pattern, scope=scope, table_scales=table_scales)
 
   tensors: dict[str, np.ndarray] = {}
   entries: dict[str, dict[str, Any]] = {}
@@ -519,6 +540,7 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
             "scheme": "int8 symmetric, per channel, weight-only "
                       "(privjax.quantization); scales from the weights, no "
                       "calibration data",
+            "table_scales": table_scales,
             "channel_axis": report["quantized"]},
         "tensors": entries,
         "sizes": {"float32_safetensors_bytes": float_bytes,
@@ -601,8 +623,13 @@ def load(out: str | pathlib.Path, *, dequantize: bool = False
       raise CorruptExportError(f"{path}: sha256 differs from {MANIFEST_FILE} "
                                "(corrupt or modified)")
   config = _read_json(out / CONFIG_FILE)
-  family = config["model"]["family"]
-  abstract = _build_abstract(family, config["model"]["architecture"])
+  try:
+    family = config["model"]["family"]
+    abstract = _build_abstract(family, config["model"]["architecture"])
+    run_config = config_lib.from_dict(config["privjax_config"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise CorruptExportError(f"{out / CONFIG_FILE}: does not describe a model "
+                             f"({type(e).__name__}: {e})") from None
   expected = {p: tuple(v.shape) for p, v in
               _flat(nnx.to_pure_dict(nnx.state(abstract))).items()}
   entries = manifest["tensors"]
@@ -639,7 +666,7 @@ def load(out: str | pathlib.Path, *, dequantize: bool = False
                                       scale=jnp.asarray(scale), channel_axis=axis)
   model = inference_model(abstract, _unflat(flat), dequantize=dequantize)
   metadata = {
-      "config": config_lib.from_dict(config["privjax_config"]),
+      "config": run_config,
       "family": family, "num_items": config["model"]["num_items"],
       "items": _read_json(out / ITEMS_FILE),
       "privacy": _read_json(out / PRIVACY_FILE), "manifest": manifest}
@@ -685,15 +712,25 @@ def evaluate(out: str | pathlib.Path, *, which: tuple[str, ...] = ("valid", "tes
              for split in which}}
 
 
-def _eval_inputs_fn(meta: dict[str, Any]):
-  if meta["family"] != "llm":
-    return lambda cfg, eval_set, ds, model: {"history": eval_set.history}
-  tokenizer = bert.load_tokenizer(meta["tokenizer_dir"])
-  titles = meta["items"]["titles"]
+def eval_inputs(metadata: dict[str, Any], eval_set: sequences.EvalSet,
+                tokenizer=None) -> dict[str, np.ndarray]:
+  """The ``predict`` inputs of an ``EvalSet`` for a loaded export.
 
-  def fun(cfg, eval_set, ds, model):
-    del ds, model
-    return llm_rec.eval_text_inputs(eval_set, titles, tokenizer,
-                                    max_tokens=cfg.model.max_tokens,
-                                    max_items=cfg.model.max_history_items)
-  return fun
+  Histories for mlp / sasrec; for the LLM recommender, the histories rendered
+  as titles (items.json) and tokenised with the export's tokenizer
+  (``tokenizer`` reuses one already loaded).
+  """
+  if metadata["family"] != "llm":
+    return {"history": eval_set.history}
+  if tokenizer is None:
+    tokenizer = bert.load_tokenizer(metadata["tokenizer_dir"])
+  m = metadata["config"].model
+  return llm_rec.eval_text_inputs(eval_set, metadata["items"]["titles"], tokenizer,
+                                  max_tokens=m.max_tokens,
+                                  max_items=m.max_history_items)
+
+
+def _eval_inputs_fn(metadata: dict[str, Any]):
+  tokenizer = (bert.load_tokenizer(metadata["tokenizer_dir"])
+               if metadata["family"] == "llm" else None)
+  return lambda cfg, es, ds, model: eval_inputs(metadata, es, tokenizer)

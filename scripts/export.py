@@ -65,13 +65,16 @@ def main(argv: list[str]) -> int:
                            f"default {' '.join(export.DEFAULT_PRUNE_PATTERN)})")
   parser.add_argument("--int8", action="store_true",
                       help="int8 weights with per-channel float32 scales")
+  parser.add_argument("--table-scales", choices=("row", "column"), default="row",
+                      help="int8 scales of embedding tables: one per row (item, "
+                           "default) or per column (dimension; smaller file)")
   parser.add_argument("--overwrite", action="store_true")
   args = parser.parse_args(argv)
   try:
     manifest = export.export(
         args.workdir, args.out, sparsity=args.sparsity, n_m=args.n_m,
         int8=args.int8, pattern=tuple(args.pattern or export.DEFAULT_PRUNE_PATTERN),
-        scope=args.scope, overwrite=args.overwrite)
+        scope=args.scope, table_scales=args.table_scales, overwrite=args.overwrite)
   except (FileNotFoundError, FileExistsError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

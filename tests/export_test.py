@@ -1,5 +1,6 @@
 """Export -> load round trips on tiny synthetic runs (mlp and sasrec)."""
 
+import functools
 import importlib.util
 import json
 import math
@@ -8,6 +9,7 @@ import shutil
 import struct
 
 from flax import nnx
+import jax
 import numpy as np
 import pytest
 
@@ -64,6 +66,17 @@ def exports(runs, tmp_path_factory):
   return out
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _predict_jit(graphdef, state, inputs):
+  return export.predict(nnx.merge(graphdef, state), inputs)
+
+
+def _scores(model, inputs):
+  """``export.predict``, compiled once per model structure (eager dispatch of
+  every op is what made these tests slow)."""
+  return np.asarray(_predict_jit(*nnx.split(model), inputs))
+
+
 def _state(model):
   return nnx.to_pure_dict(nnx.state(model))
 
@@ -78,8 +91,8 @@ def test_float_export_loads_to_the_trained_model(runs, exports, family):
   loaded, meta = export.load(exports[family, "float"][0])
   assert type(loaded) is type(model)
   assert meta["family"] == family and meta["num_items"] == 40
-  np.testing.assert_allclose(export.predict(loaded, inputs),
-                             export.predict(model, inputs), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(_scores(loaded, inputs),
+                             _scores(model, inputs), rtol=1e-5, atol=1e-5)
   for path, value in _flat(model).items():
     np.testing.assert_array_equal(np.asarray(_flat(loaded)[path]), np.asarray(value),
                                   err_msg=path)
@@ -96,10 +109,10 @@ def test_int8_export_predicts_as_the_in_memory_quantized_model(runs, exports, fa
   assert kernels and all(isinstance(v, quantization.QTensor) for v in kernels)
   assert set(report["quantized"]) == {p for p, v in _flat(model).items()
                                       if np.ndim(v) == 2}
-  got, want = export.predict(loaded, inputs), export.predict(in_memory, inputs)
+  got, want = _scores(loaded, inputs), _scores(in_memory, inputs)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   # ...a different model from the float one (the scores move)...
-  assert np.max(np.abs(np.asarray(got) - np.asarray(export.predict(model, inputs)))) > 0
+  assert np.max(np.abs(np.asarray(got) - np.asarray(_scores(model, inputs)))) > 0
   # ...whose weights are the float ones rounded: within scale / 2 per element.
   plain, _ = export.load(exports[family, "int8"][0], dequantize=True)
   trained = _flat(model)
@@ -110,7 +123,7 @@ def test_int8_export_predicts_as_the_in_memory_quantized_model(runs, exports, fa
       assert np.all(err <= half * (1 + 2 ** -15)), path
   # dequantize=True: the same weights as float32 arrays, the same scores.
   assert not any(isinstance(v, quantization.QTensor) for v in _flat(plain).values())
-  np.testing.assert_allclose(export.predict(plain, inputs), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(_scores(plain, inputs), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["float", "int8", "sparse-int8", "2:4"])
