@@ -23,6 +23,8 @@ FAMILIES = ("mlp", "sasrec")
 
 
 def _cfg(family):
+  # The sasrec run is not private: it costs less to compile, and its export
+  # must carry a statement saying so just as faithfully.
   return config_lib.Config(
       name=f"tiny-{family}",
       data=config_lib.DataConfig(num_users=120, num_items=40, mean_interactions=8,
@@ -30,9 +32,9 @@ def _cfg(family):
       model=config_lib.ModelConfig(name=family, embed_dim=8, hidden_dim=16,
                                    num_layers=1, num_heads=1),
       # A fixed sigma: no calibration, the run is as fast as it gets.
-      privacy=config_lib.PrivacyConfig(noise_multiplier=1.0),
+      privacy=config_lib.PrivacyConfig(enabled=family == "mlp", noise_multiplier=1.0),
       train=config_lib.TrainConfig(steps=2, batch_size=16, learning_rate=1e-2,
-                                   log_every=1, checkpoint_every=0),
+                                   log_every=2, checkpoint_every=0),
       eval=config_lib.EvalConfig(batch_size=128))
 
 
@@ -126,12 +128,16 @@ def test_int8_export_predicts_as_the_in_memory_quantized_model(runs, exports, fa
   np.testing.assert_allclose(_scores(plain, inputs), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["float", "int8", "sparse-int8", "2:4"])
-def test_privacy_json_is_carried_byte_for_byte(runs, exports, variant):
-  run_dir = runs["mlp"][0]
-  path, manifest = exports["mlp", variant]
+@pytest.mark.parametrize("family,variant", [
+    ("mlp", "float"), ("mlp", "int8"), ("mlp", "sparse-int8"), ("mlp", "2:4"),
+    ("sasrec", "int8")])
+def test_privacy_json_is_carried_byte_for_byte(runs, exports, family, variant):
+  run_dir = runs[family][0]
+  path, manifest = exports[family, variant]
   assert (path / "privacy.json").read_bytes() == (run_dir / "privacy.json").read_bytes()
   statement = json.loads((run_dir / "privacy.json").read_text())
+  assert statement["private"] == (family == "mlp")
+  assert manifest["privacy"]["private"] == statement["private"]
   assert manifest["privacy"]["epsilon"] == statement["epsilon"]
   assert "post-processing" in manifest["privacy"]["note"]
 
@@ -247,6 +253,10 @@ def test_scripts_export_and_evaluate_an_export(runs, tmp_path, capsys):
   assert evaluate_script.main(["--workdir", str(out), "--json"]) == 0
   result = json.loads(capsys.readouterr().out)
   assert set(result) == {"step", "valid", "test"} and result["step"] == 2
+  # A non-private run's export says so.
+  assert export_script.main(["--workdir", str(runs["sasrec"][0]),
+                             "--out", str(tmp_path / "s")]) == 0
+  assert "privacy: NONE" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- bad inputs
