@@ -83,8 +83,9 @@ def main(argv: list[str]) -> int:
         f"{manifest['source']['checkpoint_step']}) to {args.out}")
   if manifest["pruning"]:
     p = manifest["pruning"]
-    what = f"{p['sparsity']:.0%}" if p["sparsity"] else f"{p['n_m'][0]}:{p['n_m'][1]}"
-    print(f"pruned: {what} ({p['scope']}) of {len(p['per_layer'])} weight matrices; "
+    what = (f"{p['sparsity']:.0%} ({p['scope']})" if p["sparsity"]
+            else f"{p['n_m'][0]}:{p['n_m'][1]}")
+    print(f"pruned: {what} of {len(p['per_layer'])} weight matrices; "
           f"{p['all_params']:.1%} of all parameters are zero")
   if manifest["quantization"]:
     print(f"int8: {len(manifest['quantization']['channel_axis'])} matrices, "
