@@ -22,6 +22,8 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from privjax import quantization
+
 # kind is one of "linear", "embed", "attend", "layernorm".
 TapFn = Callable[[nnx.Module, str, jax.Array, jax.Array], jax.Array]
 
@@ -45,6 +47,23 @@ def _tap(layer: nnx.Module, kind: str, inputs: jax.Array,
   return outputs if tap_fn is None else tap_fn(layer, kind, inputs, outputs)
 
 
+def _matmul(x: jax.Array, kernel) -> jax.Array:
+  """``x @ kernel`` for a float kernel or an int8 ``QTensor`` [in, out]."""
+  if isinstance(kernel, quantization.QTensor):
+    return quantization.qmatmul(x, kernel)
+  return jnp.matmul(x, kernel)
+
+
+def _take_rows(table, ids: jax.Array) -> jax.Array:
+  """``table[ids]`` for a float table or an int8 ``QTensor`` (rows dequantized)."""
+  if not isinstance(table, quantization.QTensor):
+    return jnp.take(table, ids, axis=0)
+  rows = jnp.take(table.values, ids, axis=0).astype(jnp.float32)
+  if table.channel_axis == 0:  # one scale per row: gather it with the row
+    return rows * jnp.take(table.scale, ids, axis=0)[..., None]
+  return rows * table.scale
+
+
 def _normal_init(key: jax.Array, shape: tuple[int, ...], stddev: float,
                  dtype) -> jax.Array:
   return stddev * jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype)
@@ -56,6 +75,13 @@ class Linear(nnx.Module):
   >>> layer = Linear(3, 2, rngs=nnx.Rngs(0))
   >>> layer(jnp.ones((4, 5, 3))).shape
   (4, 5, 2)
+
+  An int8 kernel (inference only) gives the float result up to rounding:
+
+  >>> y = layer(jnp.ones((1, 3)))
+  >>> layer.kernel.set_value(quantization.quantize(layer.kernel[...]))
+  >>> bool(jnp.allclose(layer(jnp.ones((1, 3))), y, atol=0.02))
+  True
   """
 
   def __init__(self, in_features: int, out_features: int, *,
@@ -69,7 +95,7 @@ class Linear(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.matmul(x, self.kernel[...])
+    y = _matmul(x, self.kernel.get_value())
     if self.bias is not None:
       y = y + self.bias[...]
     return _tap(self, "linear", x, y)
@@ -81,6 +107,10 @@ class Embed(nnx.Module):
   >>> embed = Embed(10, 4, rngs=nnx.Rngs(0))
   >>> embed(jnp.array([[1, 2, 2]])).shape
   (1, 3, 4)
+  >>> table = embed.embedding[...]
+  >>> embed.embedding.set_value(quantization.quantize(table, channel_axis=0))
+  >>> bool(jnp.allclose(embed(jnp.array([3])), table[3:4], atol=1e-3))
+  True
   """
 
   def __init__(self, num_embeddings: int, features: int, *,
@@ -91,12 +121,16 @@ class Embed(nnx.Module):
         _normal_init(rngs.params(), (num_embeddings, features), init_stddev, dtype))
 
   def __call__(self, ids: jax.Array) -> jax.Array:
-    y = jnp.take(self.embedding[...], ids, axis=0)
+    y = _take_rows(self.embedding.get_value(), ids)
     return _tap(self, "embed", ids, y)
 
   def attend(self, x: jax.Array) -> jax.Array:
     """Scores ``x @ embedding.T``: the tied output projection."""
-    y = jnp.matmul(x, self.embedding[...].T)
+    table = self.embedding.get_value()
+    if isinstance(table, quantization.QTensor):
+      y = quantization.qmatmul(x, quantization.transpose(table))
+    else:
+      y = jnp.matmul(x, table.T)
     return _tap(self, "attend", x, y)
 
 
