@@ -33,6 +33,7 @@ Usage:
   python scripts/bench.py --out /tmp/bench.json              # a, b, c
   python scripts/bench.py --workloads a --steps 30 --no-rss
   python scripts/bench.py --peers --out /tmp/bench.json      # + Opacus, jax-privacy
+                                                             #   (--peer-steps, 10)
   python scripts/bench.py --quick --out /tmp/q.json          # smoke run, seconds
 
 Peers run in their own virtual environments (see docs_performance.md):
@@ -270,7 +271,7 @@ def child(name: str, mode: str, steps: int, quick: bool) -> dict:
           "hwm_reset": reset}
 
 
-def measure_rss(name: str, modes, quick: bool, steps: int = 3) -> dict:
+def measure_rss(name: str, modes, quick: bool, steps: int = 2) -> dict:
   out = {}
   for mode in modes:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, mode,
@@ -286,7 +287,8 @@ def measure_rss(name: str, modes, quick: bool, steps: int = 3) -> dict:
 # Peers.
 
 
-def run_peer(python: str, script: str, names, steps: int, quick: bool) -> dict | None:
+def run_peer(python: str, script: str, names, steps: int, quick: bool,
+             extra=()) -> dict | None:
   if not os.path.exists(python):
     print(f"peer skipped: {python} does not exist (see docs_performance.md)",
           file=sys.stderr)
@@ -294,7 +296,7 @@ def run_peer(python: str, script: str, names, steps: int, quick: bool) -> dict |
   with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
     path = f.name
   cmd = [python, os.path.join(_HERE, "bench_peers", script), "--workloads",
-         ",".join(names), "--steps", str(steps), "--out", path] + (
+         ",".join(names), "--steps", str(steps), "--out", path] + list(extra) + (
              ["--quick"] if quick else [])
   print(f"running {' '.join(cmd)}", file=sys.stderr, flush=True)
   proc = subprocess.run(cmd, check=False)
@@ -407,6 +409,9 @@ def main(argv=None):
                       help="skip the per-mode subprocesses that measure peak RSS")
   parser.add_argument("--peers", action="store_true",
                       help="also run Opacus and jax-privacy in their own venvs")
+  parser.add_argument("--peer-steps", type=int, default=10,
+                      help="timed steps per peer mode (Opacus's per-sample-gradient "
+                           "modes get half): peers take seconds per BERT step")
   parser.add_argument("--opacus-python", default="/tmp/venv-opacus/bin/python")
   parser.add_argument("--jaxprivacy-python", default="/tmp/venv-jaxprivacy/bin/python")
   parser.add_argument("--child", nargs=2, metavar=("WORKLOAD", "MODE"),
@@ -423,6 +428,7 @@ def main(argv=None):
       raise ValueError(f"mode {m!r} must be one of {MODES}")
   modes = ["nonprivate"] + [m for m in modes if m != "nonprivate"]
   steps = 3 if args.quick and args.steps == 20 else args.steps
+  peer_steps = min(steps, args.peer_steps)
   if steps < 1:
     raise ValueError(f"--steps={steps} must be >= 1")
 
@@ -453,10 +459,10 @@ def main(argv=None):
   print(privjax_table(results))
   if args.peers:
     report["peers"] = {
-        "opacus": run_peer(args.opacus_python, "opacus_bench.py", names, steps,
-                           args.quick),
+        "opacus": run_peer(args.opacus_python, "opacus_bench.py", names, peer_steps,
+                           args.quick, ["--block-steps", str(max(peer_steps // 2, 3))]),
         "jax_privacy": run_peer(args.jaxprivacy_python, "jax_privacy_bench.py",
-                                names, steps, args.quick),
+                                names, peer_steps, args.quick),
     }
     print("\n## Peers (each DP mode / its own non-private step)\n")
     print(peer_table(results, report["peers"]))

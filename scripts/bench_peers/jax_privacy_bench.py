@@ -110,7 +110,7 @@ def run_workload(name, modes, steps, quick):
   return {"info": info, "modes": out}
 
 
-def child(name, mode, quick, steps=3):
+def child(name, mode, quick, steps=2):
   step, params, opt_state, batch = make_step(name, mode, quick)
   jax.block_until_ready((params, batch))
   base = workloads.current_rss_mb()

@@ -32,10 +32,15 @@ Timing mirrors ``scripts/bench.py``: the modes that keep the weights' size
 only (``nonprivate``, ``ghost``) run interleaved round-robin; the modes that
 materialise per-sample gradients (``hooks``, ``functorch``) run afterwards in
 their own blocks, because freeing their large buffers slows whatever step
-runs next. Step time is the median over ``--steps`` steps after 2 warm-up
-steps (PyTorch has no compile step; ``compile_s`` is the first two steps).
-Peak memory: each mode in a fresh subprocess, VmHWM after a reset
-(``malloc_trim`` + ``/proc/self/clear_refs``) and 3 steps, as privjax's.
+runs next. Step time is the median over ``--steps`` steps (``--block-steps``
+for hooks and functorch, which take seconds per step on BERT) after 2
+warm-up steps (PyTorch has no compile step; ``compile_s`` is those two).
+Peak memory: each mode in a fresh subprocess: one step, then VmHWM reset
+(``malloc_trim`` + ``/proc/self/clear_refs``), then 2 steps, as privjax's.
+
+Threads: torch's default (2 here), with ``OMP_WAIT_POLICY=PASSIVE`` unless
+set: with OpenMP's default spin-waiting a torch step was ~10x slower
+whenever another process used a core of this shared 2-core machine.
 """
 
 import argparse
@@ -48,6 +53,10 @@ import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# OpenMP's default active spin-wait made every torch step ~10x slower here
+# whenever another process held one of the 2 cores (MLP plain step 218 ms vs
+# 24 ms passive); passive waiting is fair to torch on a shared machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -211,7 +220,7 @@ def make_runner(name, mode, s):
   return step
 
 
-def run_workload(name, modes, steps, quick):
+def run_workload(name, modes, steps, quick, block_steps=None):
   s = workloads.spec(name, quick)
   runners, out = {}, {}
   for mode in modes:
@@ -235,7 +244,7 @@ def run_workload(name, modes, steps, quick):
     for mode in fast[r % len(fast):] + fast[:r % len(fast)]:
       timed(mode)
   for mode in [m for m in modes if m in BLOCK_MODES]:
-    for _ in range(steps):
+    for _ in range(block_steps or steps):
       timed(mode)
   for mode in modes:
     t = np.asarray(out[mode]["times_ms"])
@@ -245,11 +254,11 @@ def run_workload(name, modes, steps, quick):
   return {"info": {"batch": s["batch"], "num_params": params}, "modes": out}
 
 
-def child(name, mode, quick, steps=3):
+def child(name, mode, quick, steps=2):
   s = workloads.spec(name, quick)
   run = make_runner(name, mode, s)
   base = workloads.current_rss_mb()
-  run()
+  run()   # the first step allocates Opacus's buffers: measure the steps after it
   first_peak = workloads.peak_rss_mb()
   workloads.reset_peak_rss()
   before = workloads.current_rss_mb()
@@ -264,6 +273,9 @@ def main():
   parser.add_argument("--workloads", default="a,b,c")
   parser.add_argument("--modes", default=",".join(MODES))
   parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--block-steps", type=int, default=None,
+                      help="steps of the per-sample-gradient modes (hooks, "
+                           "functorch; default: --steps)")
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--no-rss", action="store_true")
   parser.add_argument("--threads", type=int, default=None,
@@ -282,7 +294,7 @@ def main():
   modes = ["nonprivate"] + [m for m in modes if m != "nonprivate"]
   results = {}
   for name in workloads.parse_workloads(args.workloads):
-    res = run_workload(name, modes, args.steps, args.quick)
+    res = run_workload(name, modes, args.steps, args.quick, args.block_steps)
     if not args.no_rss:
       for mode in modes:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", name, mode] + (
@@ -299,8 +311,10 @@ def main():
       print(f"opacus {name}/{m}: {v['step_ms']:.1f} ms "
             f"({res['ratios'][m]['time']:.2f}x)", file=sys.stderr, flush=True)
   report = {"meta": {"framework": "opacus", "opacus": opacus.__version__,
+                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                      "torch": torch.__version__, "threads": torch.get_num_threads(),
-                     "steps": args.steps, "quick": args.quick},
+                     "steps": args.steps, "block_steps": args.block_steps or args.steps,
+                     "quick": args.quick},
             "results": results}
   if args.out:
     with open(args.out, "w") as f:
