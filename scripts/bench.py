@@ -12,7 +12,10 @@ and step function.
 Timing. All modes of a workload are compiled in this process first (ahead of
 time: ``lower(...).compile()``, reported apart as ``compile_s``), then run
 interleaved, one step of each mode per round with the order rotated every
-round, so a load spike on a shared machine hits every mode alike. The step
+round, so a load spike on a shared machine hits every mode alike; the noise
+draw of a DP step is timed alone in the same rounds (``noise_ms``). DP-vmap
+runs after them in its own block (freeing its ~GB of per-example gradients
+slowed the next step of the other modes by 1.5-2x here). The step
 time is the median over ``--steps`` rounds (each step ends with
 ``block_until_ready``); p25 / p75 are reported as a noise measure. Ratios are
 medians of a mode over the non-private median of the same run.
@@ -23,18 +26,19 @@ Memory. JAX on CPU has no ``memory_stats``. Two numbers per mode:
   donated aliases): what the step needs at its peak, exactly, without the
   runtime around it.
 * ``rss_mb``: peak resident set size of a fresh subprocess
-  (``bench.py --child``) that builds the workload, compiles ONE mode, resets
-  the kernel's high-water mark (``/proc/self/clear_refs``) and runs a few
-  steps; ``rss_mb`` is the VmHWM after those steps. It includes the Python
-  and XLA runtime and whatever the compiler left in the heap, so its ratios
-  are diluted by that shared base (also reported, ``rss_base_mb``).
+  (``bench.py --child``) that builds the workload, compiles ONE mode, hands
+  the compiler's freed heap back to the OS (glibc ``malloc_trim``), resets
+  the kernel's high-water mark (``/proc/self/clear_refs``) and runs 2 steps;
+  ``rss_mb`` is the VmHWM after those steps. It includes the Python and XLA
+  runtime, the data and the compiled program, so its ratios are diluted by
+  that shared base (``rss_before_steps_mb``, also reported).
 
 Usage:
   python scripts/bench.py --out /tmp/bench.json              # a, b, c
   python scripts/bench.py --workloads a --steps 30 --no-rss
   python scripts/bench.py --peers --out /tmp/bench.json      # + Opacus, jax-privacy
                                                              #   (--peer-steps, 10)
-  python scripts/bench.py --quick --out /tmp/q.json          # smoke run, seconds
+  python scripts/bench.py --quick --out /tmp/q.json          # smoke run (compiles dominate)
 
 Peers run in their own virtual environments (see docs_performance.md):
 ``--opacus-python`` (default /tmp/venv-opacus/bin/python) and
@@ -195,18 +199,19 @@ def _timed(compiled, state, batch, mask, key, times):
   return state
 
 
-def _noise_ms(params, steps: int) -> float:
-  """Median time of the step's noise alone: ``noise.add_gaussian_noise`` on a
-  tree shaped like ``params`` (jitted), to split a DP step's cost."""
+def _noise_fun(params):
+  """The step's noise draw alone (``noise.add_gaussian_noise`` on a tree shaped
+  like ``params``, jitted), timed beside the steps to split a DP step's cost."""
   fun = jax.jit(lambda tree, key: noise.add_gaussian_noise(tree, stddev=1.0, key=key))
   key = jax.random.key(2)
   _block(fun(params, key))
-  times = []
-  for _ in range(max(steps // 2, 3)):
+
+  def timed(times):
     t0 = time.perf_counter()
     _block(fun(params, key))
     times.append(1e3 * (time.perf_counter() - t0))
-  return float(np.median(times))
+
+  return timed
 
 
 # ---------------------------------------------------------------------------
@@ -235,10 +240,12 @@ def run_workload(name: str, modes, steps: int, quick: bool) -> dict:
   fast = [m for m in modes if m not in BLOCK_MODES]
   for mode in fast:   # one untimed step each, after the other modes' first steps
     states[mode] = _timed(compiled[mode], states[mode], batch, mask, keys[0], [])
+  noise_timed, noise_times = _noise_fun(params), []
   for r in range(steps):
     for mode in fast[r % len(fast):] + fast[:r % len(fast)]:
       states[mode] = _timed(compiled[mode], states[mode], batch, mask, keys[r + 1],
                             out[mode]["times_ms"])
+    noise_timed(noise_times)
   for mode in [m for m in modes if m in BLOCK_MODES]:
     for r in range(steps):
       states[mode] = _timed(compiled[mode], states[mode], batch, mask, keys[r + 1],
@@ -247,8 +254,11 @@ def run_workload(name: str, modes, steps: int, quick: bool) -> dict:
     t = np.asarray(out[mode]["times_ms"])
     out[mode].update(step_ms=float(np.median(t)), p25_ms=float(np.percentile(t, 25)),
                      p75_ms=float(np.percentile(t, 75)), min_ms=float(t.min()))
-  info["noise_ms"] = _noise_ms(params, steps)
-  return {"info": info, "modes": out}
+  info["noise_ms"] = float(np.median(noise_times))
+  live = None
+  if "ghost" in modes:   # kept (not in the JSON) for the head-to-head rounds
+    live = (compiled["ghost"], states["ghost"], batch, mask, keys)
+  return {"info": info, "modes": out, "_live": live}
 
 
 def child(name: str, mode: str, steps: int, quick: bool) -> dict:
@@ -309,6 +319,39 @@ def run_peer(python: str, script: str, names, steps: int, quick: bool,
   return result
 
 
+def head_to_head(python: str, name: str, opacus_mode: str, live, steps: int,
+                 quick: bool) -> dict:
+  """privjax's DP-ghost step and Opacus's ``opacus_mode`` step, alternating.
+
+  Opacus runs as a step server in its own venv (``opacus_bench.py --serve``);
+  each process times its own step while the other waits, so both see the
+  same machine load: the fair absolute comparison on a shared machine.
+  """
+  compiled, state, batch, mask, keys = live
+  cmd = [python, os.path.join(_HERE, "bench_peers", "opacus_bench.py"), "--serve",
+         name, opacus_mode] + (["--quick"] if quick else [])
+  proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  try:
+    if proc.stdout.readline().strip() != "ready":
+      raise RuntimeError(f"{' '.join(cmd)} did not start")
+    ours, theirs = [], []
+    for r in range(steps):
+      state = _timed(compiled, state, batch, mask, keys[r % len(keys)], ours)
+      proc.stdin.write("step\n")
+      proc.stdin.flush()
+      theirs.append(float(proc.stdout.readline()))
+  finally:
+    proc.stdin.close()
+    proc.wait()
+  out = {"opacus_mode": opacus_mode, "privjax_ghost_ms": float(np.median(ours)),
+         "opacus_ms": float(np.median(theirs)), "privjax_times_ms": ours,
+         "opacus_times_ms": theirs}
+  out["speedup"] = out["opacus_ms"] / out["privjax_ghost_ms"]
+  print(f"  head-to-head {name}: privjax ghost {out['privjax_ghost_ms']:.0f} ms, "
+        f"Opacus {opacus_mode} {out['opacus_ms']:.0f} ms", file=sys.stderr, flush=True)
+  return out
+
+
 # ---------------------------------------------------------------------------
 # Tables.
 
@@ -356,12 +399,15 @@ def privjax_table(results: dict) -> str:
 
 def peer_table(results: dict, peers: dict) -> str:
   """Ratios vs each framework's own non-private step, side by side, and the
-  absolute ghost-vs-best-Opacus speedup."""
+  absolute ghost-vs-best-Opacus speedup from the alternating head-to-head
+  rounds (absolute times of separate runs are not comparable on a shared
+  machine whose load changes by minutes)."""
   opacus = peers.get("opacus") or {}
   jaxp = peers.get("jax_privacy") or {}
   head = ("| workload | privjax vmap | privjax ghost | Opacus hooks | Opacus functorch "
           "| Opacus ghost | jax-privacy clipped_grad | non-private ms: privjax / torch "
-          "/ jax-privacy | DP ms: privjax ghost / Opacus best | speedup |")
+          "/ jax-privacy | head-to-head DP ms: privjax ghost / Opacus best "
+          "| speedup |")
   lines = [head, "|" + "---|" * 10]
   for name, res in results.items():
     pm = res["modes"]
@@ -370,20 +416,14 @@ def peer_table(results: dict, peers: dict) -> str:
     j = jaxp.get("results", {}).get(name)
     orat = o["ratios"] if o else None
     jrat = j["ratios"] if j else None
-    best = None
-    if o:
-      dp = {k: v["step_ms"] for k, v in o["modes"].items()
-            if k != "nonprivate" and "step_ms" in v}
-      if dp:
-        best = min(dp, key=dp.get)
-    ghost_ms = pm.get("ghost", {}).get("step_ms")
     np_ms = [f"{pm['nonprivate']['step_ms']:.0f}" if "nonprivate" in pm else "n/a",
              f"{o['modes']['nonprivate']['step_ms']:.0f}" if o else "n/a",
              f"{j['modes']['nonprivate']['step_ms']:.0f}" if j else "n/a"]
-    if best and ghost_ms:
-      best_ms = o["modes"][best]["step_ms"]
-      dp_cell = f"{ghost_ms:.0f} / {best_ms:.0f} ({best})"
-      speed = f"**{best_ms / ghost_ms:.2f}x**"
+    h2h = (peers.get("head_to_head") or {}).get(name)
+    if h2h:
+      dp_cell = (f"{h2h['privjax_ghost_ms']:.0f} / {h2h['opacus_ms']:.0f} "
+                 f"({h2h['opacus_mode']})")
+      speed = f"**{h2h['speedup']:.2f}x**"
     else:
       dp_cell, speed = "n/a", "n/a"
     lines.append(
@@ -409,6 +449,8 @@ def main(argv=None):
                       help="skip the per-mode subprocesses that measure peak RSS")
   parser.add_argument("--peers", action="store_true",
                       help="also run Opacus and jax-privacy in their own venvs")
+  parser.add_argument("--peer-frameworks", default="opacus,jax_privacy",
+                      help="which peers --peers runs")
   parser.add_argument("--peer-steps", type=int, default=10,
                       help="timed steps per peer mode (Opacus's per-sample-gradient "
                            "modes get half): peers take seconds per BERT step")
@@ -458,15 +500,32 @@ def main(argv=None):
   print("\n## privjax (ratios vs non-private, same process)\n")
   print(privjax_table(results))
   if args.peers:
+    frameworks = args.peer_frameworks.split(",")
     report["peers"] = {
         "opacus": run_peer(args.opacus_python, "opacus_bench.py", names, peer_steps,
-                           args.quick, ["--block-steps", str(max(peer_steps // 2, 3))]),
+                           args.quick, ["--block-steps", str(max(peer_steps // 2, 3))])
+                  if "opacus" in frameworks else None,
         "jax_privacy": run_peer(args.jaxprivacy_python, "jax_privacy_bench.py",
-                                names, peer_steps, args.quick),
+                                names, peer_steps, args.quick)
+                       if "jax_privacy" in frameworks else None,
+        "head_to_head": {},
     }
+    opacus = report["peers"]["opacus"]
+    for name in names:
+      o = (opacus or {}).get("results", {}).get(name)
+      live = results[name].get("_live")
+      if not o or live is None:
+        continue
+      dp = {k: v["step_ms"] for k, v in o["modes"].items() if k != "nonprivate"}
+      best = min(dp, key=dp.get)   # Opacus's fastest DP mode in its own run
+      report["peers"]["head_to_head"][name] = head_to_head(
+          args.opacus_python, name, best, live, max(peer_steps, 10), args.quick)
     print("\n## Peers (each DP mode / its own non-private step)\n")
     print(peer_table(results, report["peers"]))
   report["meta"]["seconds"] = time.time() - started
+  report["meta"]["loadavg_after"] = os.getloadavg()
+  for res in results.values():
+    res.pop("_live", None)
   if args.out:
     with open(args.out, "w") as f:
       json.dump(report, f, indent=1)

@@ -268,6 +268,21 @@ def child(name, mode, quick, steps=2):
           "rss_before_steps_mb": before, "rss_mb": workloads.peak_rss_mb()}
 
 
+def serve(name, mode, quick):
+  """Step server for ``bench.py``'s head-to-head timing: one step per stdin
+  line, its time in ms on stdout, so privjax and Opacus steps can alternate
+  while the other process waits (a load change on a shared machine then hits
+  both alike)."""
+  run = make_runner(name, mode, workloads.spec(name, quick))
+  run()
+  run()
+  print("ready", flush=True)
+  for _ in sys.stdin:
+    t0 = time.perf_counter()
+    run()
+    print(f"{1e3 * (time.perf_counter() - t0):.3f}", flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workloads", default="a,b,c")
@@ -282,10 +297,14 @@ def main():
                       help="torch intra-op threads (default: torch's choice)")
   parser.add_argument("--out")
   parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+  parser.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)
   args = parser.parse_args()
   warnings.filterwarnings("ignore")
   if args.threads:
     torch.set_num_threads(args.threads)
+  if args.serve:
+    serve(*args.serve, quick=args.quick)
+    return
   if args.child:
     print(json.dumps(child(*args.child, quick=args.quick)))
     return
