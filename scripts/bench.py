@@ -66,7 +66,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from privjax import clipping  # noqa: E402
 from privjax import dp_step  # noqa: E402
+from privjax import ghost  # noqa: E402
 from privjax import losses  # noqa: E402
 from privjax import nn  # noqa: E402
 from privjax import noise  # noqa: E402
@@ -293,6 +295,34 @@ def measure_rss(name: str, modes, quick: bool, steps: int = 2) -> dict:
   return out
 
 
+def pieces(name: str, steps: int, quick: bool) -> dict:
+  """Where a DP step's time goes: the plain gradient sum, the ghost and vmap
+  clipped sums and the noise draw, each jitted alone, interleaved per round."""
+  loss_fun, params, batch, mask, _ = build(name, quick)
+  per_example = lambda p, ex, r: loss_fun(p, None, ex, r)
+  key = jax.random.key(2)
+  funs = {
+      "grad_sum": lambda p: clipping.grad_sum(per_example)(p, batch, mask).grad_sum,
+      "ghost_clipped_sum": lambda p: ghost.clipped_grad_sum(
+          per_example, l2_clip_norm=1.0)(p, batch, mask).grad_sum,
+      "noise": lambda p: noise.add_gaussian_noise(p, stddev=1.0, key=key),
+  }
+  compiled = {k: jax.jit(f).lower(params).compile() for k, f in funs.items()}
+  times = {k: [] for k in funs}
+  for k, f in compiled.items():
+    _block(f(params))
+  for _ in range(steps):
+    for k, f in compiled.items():
+      t0 = time.perf_counter()
+      _block(f(params))
+      times[k].append(1e3 * (time.perf_counter() - t0))
+  out = {k: float(np.median(v)) for k, v in times.items()}
+  print(f"  pieces {name}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in out.items())
+        + f"; ghost/plain sums {out['ghost_clipped_sum'] / out['grad_sum']:.2f}x",
+        file=sys.stderr, flush=True)
+  return out
+
+
 # ---------------------------------------------------------------------------
 # Peers.
 
@@ -356,16 +386,11 @@ def head_to_head(python: str, name: str, opacus_mode: str, live, steps: int,
 # Tables.
 
 
-def ratios(modes: dict, noise_ms: float | None = None,
-           base: str = "nonprivate") -> dict:
-  """Each mode over ``base``; ``time_wo_noise`` subtracts the separately timed
-  noise draw from private steps (an estimate: what clipping alone costs)."""
+def ratios(modes: dict, base: str = "nonprivate") -> dict:
   out = {}
   b = modes[base]
   for mode, m in modes.items():
     r = {"time": m["step_ms"] / b["step_ms"]}
-    if noise_ms is not None:
-      r["time_wo_noise"] = (m["step_ms"] - (0.0 if mode == base else noise_ms)) / b["step_ms"]
     if m.get("xla_mb") and b.get("xla_mb"):
       r["xla_mem"] = m["xla_mb"] / b["xla_mb"]
     if m.get("rss_mb") and b.get("rss_mb"):
@@ -380,19 +405,18 @@ def _fmt(x, spec=".2f"):
 
 def privjax_table(results: dict) -> str:
   lines = ["| workload | mode | step ms (median) | p25-p75 ms | x non-private | "
-           "x without noise | compile s | XLA MiB | x | peak RSS MiB | x |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "compile s | XLA MiB | x | peak RSS MiB | x |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for name, res in results.items():
     rat = res["ratios"]
     for mode, m in res["modes"].items():
       lines.append(
           f"| {name} | {mode} | {m['step_ms']:.1f} | {m['p25_ms']:.1f}-{m['p75_ms']:.1f} "
-          f"| **{rat[mode]['time']:.2f}** | {_fmt(rat[mode].get('time_wo_noise'))} "
-          f"| {m['compile_s']:.1f} | {_fmt(m.get('xla_mb'), '.0f')} "
+          f"| **{rat[mode]['time']:.2f}** | {m['compile_s']:.1f} | {_fmt(m.get('xla_mb'), '.0f')} "
           f"| {_fmt(rat[mode].get('xla_mem'))} | {_fmt(m.get('rss_mb'), '.0f')} "
           f"| {_fmt(rat[mode].get('rss'))} |")
   lines.append("")
-  lines.append("Noise draw alone (threefry normals, one per parameter): " + ", ".join(
+  lines.append("Noise draw alone, jitted apart (threefry normals, one per parameter): " + ", ".join(
       f"{name} {res['info']['noise_ms']:.1f} ms" for name, res in results.items()))
   return "\n".join(lines)
 
@@ -447,6 +471,9 @@ def main(argv=None):
                       help="tiny shapes and 3 steps: a smoke run")
   parser.add_argument("--no-rss", action="store_true",
                       help="skip the per-mode subprocesses that measure peak RSS")
+  parser.add_argument("--pieces", action="store_true",
+                      help="only time the parts of a step (plain and ghost gradient "
+                           "sums, noise draw), jitted apart, interleaved")
   parser.add_argument("--peers", action="store_true",
                       help="also run Opacus and jax-privacy in their own venvs")
   parser.add_argument("--peer-frameworks", default="opacus,jax_privacy",
@@ -474,6 +501,13 @@ def main(argv=None):
   if steps < 1:
     raise ValueError(f"--steps={steps} must be >= 1")
 
+  if args.pieces:
+    report = {name: pieces(name, steps, args.quick) for name in names}
+    print(json.dumps(report, indent=1))
+    if args.out:
+      with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    return report
   started = time.time()
   load_before = os.getloadavg()
   results = {}
@@ -483,7 +517,7 @@ def main(argv=None):
     if not args.no_rss:
       for mode, r in measure_rss(name, modes, args.quick).items():
         res["modes"][mode].update(r)
-    res["ratios"] = ratios(res["modes"], res["info"].get("noise_ms"))
+    res["ratios"] = ratios(res["modes"])
     results[name] = res
   report = {
       "meta": {
