@@ -163,13 +163,13 @@ def build(name: str, quick: bool):
   return loss_fun, params, batch, mask, info
 
 
-def make(name: str, mode: str, loss_fun, batch_size: int):
+def make(mode: str, loss_fun, batch_size: int):
+  """The jitted ``dp_step`` step of one mode (SGD; sigma 1, C 1)."""
   config = dp_step.StepConfig(
       private=mode != "nonprivate", l2_clip_norm=workloads.L2_CLIP_NORM,
       noise_multiplier=workloads.NOISE_MULTIPLIER,
       expected_batch_size=float(batch_size),
       clipping="ghost" if mode == "ghost" else "vmap")
-  del name
   return dp_step.make_step(loss_fun, optax.sgd(workloads.LEARNING_RATE), config)
 
 
@@ -225,7 +225,7 @@ def run_workload(name: str, modes, steps: int, quick: bool) -> dict:
   keys = jax.random.split(jax.random.key(1), steps + 1)
   compiled, states, out = {}, {}, {}
   for mode in modes:
-    step = make(name, mode, loss_fun, info["batch"])
+    step = make(mode, loss_fun, info["batch"])
     state = dp_step.init_state(_copy(params), optax.sgd(workloads.LEARNING_RATE))
     compiled[mode], compile_s, xla = _compile(step, state, batch, mask, keys[0])
     t0 = time.perf_counter()
@@ -266,7 +266,7 @@ def run_workload(name: str, modes, steps: int, quick: bool) -> dict:
 def child(name: str, mode: str, steps: int, quick: bool) -> dict:
   """Peak RSS of one mode in a fresh process (see the module docstring)."""
   loss_fun, params, batch, mask, info = build(name, quick)
-  step = make(name, mode, loss_fun, info["batch"])
+  step = make(mode, loss_fun, info["batch"])
   state = dp_step.init_state(params, optax.sgd(workloads.LEARNING_RATE))
   key = jax.random.key(1)
   _block((state, batch))
