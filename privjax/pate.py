@@ -237,7 +237,7 @@ def _steps(loss_fun, optimizer: str, learning_rate: float, batch_size: int,
            uses_rng: bool):
   """The optimizer, the plain step and its vmapped twin, built once per setting
   (a new jitted function would be traced and compiled again)."""
-  optimizer = trainer.make_optimizer(config_lib.TrainConfig(
+  optimizer = trainer.base_optimizer(config_lib.TrainConfig(
       optimizer=optimizer, learning_rate=learning_rate))
   step_fn = dp_step.make_step(loss_fun, optimizer, dp_step.StepConfig(
       private=False, expected_batch_size=float(batch_size)))

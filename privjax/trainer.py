@@ -120,16 +120,19 @@ def build_workload(cfg: config_lib.Config) -> Workload:
                   score_fn)
 
 
+def base_optimizer(t: config_lib.TrainConfig) -> optax.GradientTransformation:
+  """The optax optimizer named by a train config (no pruning)."""
+  if t.optimizer == "adam":
+    return optax.adam(t.learning_rate)
+  if t.optimizer == "adamw":
+    return optax.adamw(t.learning_rate)
+  return optax.sgd(t.learning_rate)
+
+
 def make_optimizer(cfg: config_lib.Config, params
                    ) -> tuple[optax.GradientTransformation, pruning.GradualPruning | None]:
   """The optax optimizer of a run, and its gradual-pruning schedule if any."""
-  t = cfg.train
-  if t.optimizer == "adam":
-    optimizer = optax.adam(t.learning_rate)
-  elif t.optimizer == "adamw":
-    optimizer = optax.adamw(t.learning_rate)
-  else:
-    optimizer = optax.sgd(t.learning_rate)
+  optimizer = base_optimizer(cfg.train)
   if cfg.prune.sparsity <= 0:
     return optimizer, None
   schedule = pruning.GradualPruning(
