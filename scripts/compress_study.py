@@ -4,9 +4,8 @@
       [--sasrec-run DIR] [--llm-run DIR] [--runs-dir runs/compress_study]
 
 For a trained SASRec run and a trained LLM-recommender run (trained here
-first if no run directory is given: configs/movielens_sasrec.py with
-data.max_examples_per_user=1; configs/movielens_llm.py, or the same settings
-built here, with model.trainable=head and data.max_examples_per_user=1),
+first, with configs/movielens_sasrec.py and configs/movielens_llm.py as they
+are, if no run directory is given),
 exports every combination of one-shot magnitude sparsity {0, 0.5, 0.8, 0.9}
 (per layer, every kernel and embedding table) and {float32, int8}, evaluates
 each export on the test users (full ranking, leave-last-out) and prints a
@@ -45,32 +44,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SPARSITIES = (0.0, 0.5, 0.8, 0.9)
 
 
-def sasrec_config(data_path: str) -> config_lib.Config:
-  cfg = config_lib.load_file(REPO / "configs" / "movielens_sasrec.py")
-  return config_lib.replace(cfg, **{"data.path": data_path,
-                                    "data.max_examples_per_user": 1})
-
-
-def llm_config(data_path: str) -> config_lib.Config:
-  path = REPO / "configs" / "movielens_llm.py"
-  if path.exists():
-    cfg = config_lib.load_file(path)
-  else:  # the settings of configs/movielens_llm.py, for checkouts without it
-    cfg = config_lib.Config(
-        name="movielens_llm",
-        data=config_lib.DataConfig(source="movielens", max_len=20),
-        model=config_lib.ModelConfig(name="llm", trainable="head", max_tokens=64,
-                                     max_history_items=20),
-        privacy=config_lib.PrivacyConfig(enabled=True, unit="user",
-                                         target_epsilon=8.0, l2_clip_norm=1.0,
-                                         clipping="auto"),
-        train=config_lib.TrainConfig(steps=300, batch_size=128, learning_rate=3e-3,
-                                     log_every=25, checkpoint_every=100),
-        eval=config_lib.EvalConfig(batch_size=256))
-  return config_lib.replace(cfg, **{"data.path": data_path,
-                                    "data.max_examples_per_user": 1,
-                                    "model.trainable": "head",
-                                    "train.eval_every": 0})
+def run_config(name: str, data_path: str) -> config_lib.Config:
+  """configs/movielens_<name>.py on the data at ``data_path``."""
+  cfg = config_lib.load_file(REPO / "configs" / f"movielens_{name}.py")
+  return config_lib.replace(cfg, **{"data.path": data_path, "train.eval_every": 0})
 
 
 def ensure_run(name: str, run: str | None, cfg: config_lib.Config,
@@ -205,12 +182,10 @@ def main(argv: list[str]) -> int:
     return 2
   runs_dir = pathlib.Path(args.runs_dir)
   sparsities = [float(s) for s in args.sparsities.split(",")]
-  configs = {"sasrec": (args.sasrec_run, sasrec_config),
-             "llm": (args.llm_run, llm_config)}
+  given = {"sasrec": args.sasrec_run, "llm": args.llm_run}
   rows, agree = [], {}
   for name in args.models.split(","):
-    run, make_cfg = configs[name]
-    workdir = ensure_run(name, run, make_cfg(data_path), runs_dir)
+    workdir = ensure_run(name, given[name], run_config(name, data_path), runs_dir)
     rows += study(name, workdir, runs_dir / "exports", data_path, sparsities)
     if 0.0 in sparsities:
       agree[name] = agreement(runs_dir / "exports" / f"{name}-s0-fp32",
