@@ -65,3 +65,24 @@ def test_noise_is_at_least_float32():
 def test_scale_is_linear_in_stddev(stddev):
   x = _sample(stddev, jax.random.key(3), n=20_000)
   assert stats.kstest(x / stddev, "norm").pvalue > 0.01
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (7,), (3, 5), (64, 33, 2), (0, 4)])
+@pytest.mark.parametrize("seed", [0, 1, 12345])
+def test_fused_normal_is_jax_normal_bit_for_bit(shape, seed):
+  """The fused sampler is an implementation detail: the same bits as jax."""
+  key = jax.random.fold_in(jax.random.key(seed), 7)
+  ours = noise.normal(key, shape)
+  ref = jax.random.normal(key, shape)
+  assert ours.shape == ref.shape and ours.dtype == ref.dtype
+  np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
+  np.testing.assert_array_equal(np.asarray(jax.jit(noise.normal, static_argnums=1)(key, shape)),
+                                np.asarray(ref))
+
+
+def test_other_keys_and_dtypes_take_jax_normal():
+  rbg = jax.random.key(0, impl="rbg")
+  np.testing.assert_array_equal(np.asarray(noise.normal(rbg, (9,))),
+                                np.asarray(jax.random.normal(rbg, (9,))))
+  key = jax.random.key(2)
+  assert noise.normal(key, (4,), jnp.bfloat16).dtype == jnp.bfloat16
