@@ -19,7 +19,7 @@ query/value), "last_k" (the last model.last_k encoder layers) or "full".
 Frozen parameters get neither updates nor noise. Each user is one privacy unit
 (at most 8 examples, clipped together).
 
-Expected on ml-100k (seed 0, head only): test HR@10 ~0.087 with DP at
+Expected on ml-100k (seed 0, head only): test HR@10 ~0.086 with DP at
 epsilon 8 and ~0.080 without privacy (which overfits), against popularity
 0.084; see the README "Recommendation on MovieLens" table for mean +- std.
 """

@@ -16,7 +16,7 @@ delta = 1/943^1.1. Small and tied because DP noise grows with the number of
 noised coordinates and ml-100k has only 943 users. Evaluation: leave-last-
 out, full ranking of the last item against every unseen item.
 
-Expected on ml-100k (seed 0): DP at epsilon 8 test HR@10 ~0.10 against
+Expected on ml-100k (seed 0): DP at epsilon 8 test HR@10 ~0.10-0.11 against
 popularity 0.084; see the README "Recommendation on MovieLens" table for
 mean +- std over seeds. The strongest non-private SASRec we ran (d=64,
 untied, dropout 0.3, lr 1e-3, 600 steps: --config.privacy.enabled=false
