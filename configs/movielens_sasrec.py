@@ -23,7 +23,7 @@ untied, dropout 0.3, lr 1e-3, 600 steps: --config.privacy.enabled=false
 --config.model.embed_dim=64 --config.model.hidden_dim=64
 --config.model.tie_embeddings=false --config.model.dropout=0.3
 --config.train.learning_rate=1e-3 --config.train.steps=600) reaches test
-HR@10 0.180 / NDCG@10 0.085.
+HR@10 0.154 +- 0.003 / NDCG@10 0.078 (seeds 0-2).
 """
 
 from privjax import config as config_lib
