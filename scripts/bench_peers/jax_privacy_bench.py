@@ -33,7 +33,6 @@ each mode in a fresh subprocess after ``malloc_trim`` + VmHWM reset.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -139,17 +138,8 @@ def main():
   results = {}
   for name in workloads.parse_workloads(args.workloads):
     res = run_workload(name, MODES, args.steps, args.quick)
-    if not args.no_rss:
-      for mode in MODES:
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", name, mode] + (
-            ["--quick"] if args.quick else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        res["modes"][mode].update(json.loads(proc.stdout.strip().splitlines()[-1]))
-    base = res["modes"]["nonprivate"]
-    res["ratios"] = {
-        m: {"time": v["step_ms"] / base["step_ms"],
-            **({"rss": v["rss_mb"] / base["rss_mb"]} if "rss_mb" in v else {})}
-        for m, v in res["modes"].items()}
+    workloads.add_rss_and_ratios(res, os.path.abspath(__file__), name, MODES,
+                                 args.quick, rss=not args.no_rss)
     results[name] = res
   report = {"meta": {"framework": "jax-privacy", "jax_privacy": jax_privacy.__version__,
                      "jax": jax.__version__, "steps": args.steps, "quick": args.quick},

@@ -47,7 +47,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 import warnings
@@ -314,17 +313,8 @@ def main():
   results = {}
   for name in workloads.parse_workloads(args.workloads):
     res = run_workload(name, modes, args.steps, args.quick, args.block_steps)
-    if not args.no_rss:
-      for mode in modes:
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", name, mode] + (
-            ["--quick"] if args.quick else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        res["modes"][mode].update(json.loads(proc.stdout.strip().splitlines()[-1]))
-    base = res["modes"]["nonprivate"]
-    res["ratios"] = {
-        m: {"time": v["step_ms"] / base["step_ms"],
-            **({"rss": v["rss_mb"] / base["rss_mb"]} if "rss_mb" in v else {})}
-        for m, v in res["modes"].items()}
+    workloads.add_rss_and_ratios(res, os.path.abspath(__file__), name, modes,
+                                 args.quick, rss=not args.no_rss)
     results[name] = res
     for m, v in res["modes"].items():
       print(f"opacus {name}/{m}: {v['step_ms']:.1f} ms "

@@ -151,3 +151,24 @@ def median(xs):
   xs = sorted(xs)
   n = len(xs)
   return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+def add_rss_and_ratios(res: dict, script: str, name: str, modes, quick: bool,
+                       rss: bool = True) -> dict:
+  """Fills ``res["modes"][mode]`` with the peak RSS of ``script --child name
+  mode`` (a fresh process per mode, when ``rss``) and ``res["ratios"]`` with
+  each mode's time (and RSS) over non-private. Returns ``res``."""
+  import json  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  if rss:
+    for mode in modes:
+      cmd = [sys.executable, script, "--child", name, mode] + (["--quick"] if quick else [])
+      proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+      res["modes"][mode].update(json.loads(proc.stdout.strip().splitlines()[-1]))
+  base = res["modes"]["nonprivate"]
+  res["ratios"] = {
+      m: {"time": v["step_ms"] / base["step_ms"],
+          **({"rss": v["rss_mb"] / base["rss_mb"]} if "rss_mb" in v else {})}
+      for m, v in res["modes"].items()}
+  return res
