@@ -144,11 +144,7 @@ def main():
   report = {"meta": {"framework": "jax-privacy", "jax_privacy": jax_privacy.__version__,
                      "jax": jax.__version__, "steps": args.steps, "quick": args.quick},
             "results": results}
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(report, f, indent=1)
-  else:
-    print(json.dumps(report, indent=1))
+  workloads.write_report(report, args.out)
 
 
 if __name__ == "__main__":

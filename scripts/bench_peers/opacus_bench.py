@@ -325,11 +325,7 @@ def main():
                      "steps": args.steps, "block_steps": args.block_steps or args.steps,
                      "quick": args.quick},
             "results": results}
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(report, f, indent=1)
-  else:
-    print(json.dumps(report, indent=1))
+  workloads.write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -110,21 +110,21 @@ NOISE_MULTIPLIER = 1.0
 LEARNING_RATE = 1e-3
 
 
-def peak_rss_mb() -> float:
-  """This process's peak resident set size (VmHWM) in MiB."""
+def _status_mb(field: str) -> float:
   with open("/proc/self/status") as f:
     for line in f:
-      if line.startswith("VmHWM:"):
+      if line.startswith(field + ":"):
         return int(line.split()[1]) / 1024.0
   return float("nan")
+
+
+def peak_rss_mb() -> float:
+  """This process's peak resident set size (VmHWM) in MiB."""
+  return _status_mb("VmHWM")
 
 
 def current_rss_mb() -> float:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmRSS:"):
-        return int(line.split()[1]) / 1024.0
-  return float("nan")
+  return _status_mb("VmRSS")
 
 
 def reset_peak_rss() -> bool:
@@ -172,3 +172,13 @@ def add_rss_and_ratios(res: dict, script: str, name: str, modes, quick: bool,
           **({"rss": v["rss_mb"] / base["rss_mb"]} if "rss_mb" in v else {})}
       for m, v in res["modes"].items()}
   return res
+
+
+def write_report(report: dict, out: str | None) -> None:
+  """The peer's JSON report to ``out``, or to stdout."""
+  import json  # pylint: disable=import-outside-toplevel
+  if out:
+    with open(out, "w") as f:
+      json.dump(report, f, indent=1)
+  else:
+    print(json.dumps(report, indent=1))
