@@ -27,7 +27,7 @@ so an int8 export keeps at least the pruned sparsity.
 
 Tensors. A leaf with path ``p`` ("/"-joined ``nnx.to_pure_dict`` keys,
 e.g. ``blocks/0/qkv/kernel``) is stored as float32 or, quantized, as int8
-values plus a float32 per-channel scale ``p:scale`` (``privjax.quantization``
+values plus a float32 per-channel scale ``p:scale`` (``privjax.compress.quantization``
 convention: one scale per output unit of a kernel; per row of an embedding
 table, or per column with ``table_scales="column"``). An int8 tensor costs
 ``1/4 + 1/L`` of its float32 size, L the length of a channel (e.g. 26.6% for
@@ -47,7 +47,7 @@ A sparse encoding is used only when it saves more than ``_MIN_SAVING``
 bytes (each extra tensor adds a header entry).
 
 Int8 inference. ``load`` keeps int8 kernels and embedding tables of
-``privjax.nn`` layers as ``QTensor`` (the layers multiply by int8 values
+``privjax.models.nn`` layers as ``QTensor`` (the layers multiply by int8 values
 and scale per channel: ``quantization.qmatmul``); other quantized leaves (the
 LLM's cached title embeddings) are dequantized on load. ``dequantize=True``
 gives a plain float32 model with the same weights.
@@ -70,10 +70,10 @@ import safetensors
 import safetensors.numpy
 
 from privjax import config as config_lib
-from privjax import nn
-from privjax import pruning
-from privjax import quantization
-from privjax import tasks
+from privjax.models import nn
+from privjax.compress import pruning
+from privjax.compress import quantization
+from privjax.models import registry
 from privjax import trainer
 from privjax.data import sequences
 from privjax.models import bert
@@ -174,7 +174,7 @@ def predict(model: nnx.Module, inputs: dict[str, Any]) -> jax.Array:
   >>> predict(model, {"history": jnp.array([[0, 1, 2]])}).shape
   (1, 5)
   """
-  return tasks.get(_family_of(model)).scores(model, inputs)
+  return registry.get(_family_of(model)).scores(model, inputs)
 
 
 # ---------------------------------------------------------------------------
@@ -292,7 +292,7 @@ def _n_m_masks(tree, n_m: tuple[int, int], pattern) -> Any:
 
 
 def _int8_paths(model: nnx.Module) -> set[str]:
-  """Paths whose layer has an int8 path (privjax.nn Linear / Embed weights)."""
+  """Paths whose layer has an int8 path (privjax.models.nn Linear / Embed weights)."""
   out = set()
   for path, node in nnx.iter_graph(model):
     prefix = "/".join(map(str, path))
@@ -307,7 +307,7 @@ def inference_model(model: nnx.Module, tree: dict[str, Any], *,
                     dequantize: bool = False) -> nnx.Module:
   """``model``'s structure with the variables of ``tree`` (e.g. from ``compress``).
 
-  ``QTensor`` leaves stay int8 in ``privjax.nn`` Linear kernels and Embed
+  ``QTensor`` leaves stay int8 in ``privjax.models.nn`` Linear kernels and Embed
   tables (the int8 inference path) and are dequantized elsewhere, or
   everywhere with ``dequantize=True``. ``model`` may be abstract
   (``nnx.eval_shape``); it is not modified.
@@ -513,7 +513,7 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
     shutil.copyfile(privacy_src, tmp / PRIVACY_FILE)
     if family == "llm":
       (tmp / TOKENIZER_DIR).mkdir()
-      src = tasks.pretrained_dir(w.cfg)
+      src = registry.pretrained_dir(w.cfg)
       for name in _TOKENIZER_FILES:
         if (src / name).is_file():
           shutil.copyfile(src / name, tmp / TOKENIZER_DIR / name)
@@ -538,7 +538,7 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
             "all_params": report["pruned"]["sparsity/all_params"]},
         "quantization": None if report["quantized"] is None else {
             "scheme": "int8 symmetric, per channel, weight-only "
-                      "(privjax.quantization); scales from the weights, no "
+                      "(privjax.compress.quantization); scales from the weights, no "
                       "calibration data",
             "table_scales": table_scales,
             "channel_axis": report["quantized"]},
@@ -702,7 +702,7 @@ def evaluate(out: str | pathlib.Path, *, which: tuple[str, ...] = ("valid", "tes
   graphdef, state = nnx.split(model)
   family = meta["family"]
   eval_inputs = _eval_inputs_fn(meta)
-  task = dataclasses.replace(tasks.get(family), eval_inputs=eval_inputs)
+  task = dataclasses.replace(registry.get(family), eval_inputs=eval_inputs)
   score_fn = jax.jit(lambda params, frozen, inputs: predict(
       nnx.merge(graphdef, params), inputs))
   w = trainer.Workload(cfg, ds, sequences.leave_last_out(ds), task, model,

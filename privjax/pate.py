@@ -37,7 +37,7 @@ items, hence neighbouring vote histograms differ by moving one teacher's
 votes, whose sensitivity ``vote_histogram`` computes exactly (Linf = 1,
 L2 = sqrt(2 s), L1 = 2 s, s = min(k, items - k)). The released answer is a
 noisy argmax / top-k of that histogram, with the guarantee and cost stated in
-``privjax.noisy_argmax`` (data-independent accounting: every answered query
+``privjax.answers.noisy_argmax`` (data-independent accounting: every answered query
 pays its mechanism; under Confident GNMax every query also pays the threshold
 check). A session of answers is ``(epsilon_budget, delta)``-DP for each
 training user, whatever the queries. The shard assignment depends on the seed
@@ -77,12 +77,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from privjax import checkpoint
+from privjax.run import checkpoint
 from privjax import config as config_lib
-from privjax import dp_step
-from privjax import noise
-from privjax import noisy_argmax
-from privjax import sampling
+from privjax.dp import step as dp_step
+from privjax.dp import noise
+from privjax.answers import noisy_argmax
+from privjax.dp import sampling
 from privjax import trainer
 from privjax.data import sequences
 
@@ -499,7 +499,7 @@ def answer(session: noisy_argmax.QuerySession, counts: np.ndarray,
     where the query was not answered.
 
   Guarantee: each row is one answer of ``spec``'s mechanism on a histogram of
-  the given sensitivity (see ``privjax.noisy_argmax``); the session composes
+  the given sensitivity (see ``privjax.answers.noisy_argmax``); the session composes
   them and stays within its (epsilon, delta) budget.
   """
   counts = np.asarray(counts)

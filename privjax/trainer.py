@@ -9,7 +9,7 @@ Read this file to see what a privjax run does:
                 the privacy units (users or examples).
   3. Privacy    sampling probability q, delta, sigma (given or calibrated to
                 the target epsilon for exactly this run length), the budget.
-  4. Step       the one jitted DP step (privjax.dp_step), data-parallel;
+  4. Step       the one jitted DP step (privjax.dp.step), data-parallel;
                 clipping by vmap or ghost norms.
   5. Restore    resume from the latest checkpoint: same streams, privacy
                 spent carried over.
@@ -35,17 +35,17 @@ import numpy as np
 import optax
 import tqdm
 
-from privjax import accounting
-from privjax import checkpoint
+from privjax.dp import accounting
+from privjax.run import checkpoint
 from privjax import config as config_lib
-from privjax import dp_step
-from privjax import ghost
-from privjax import mechanisms
-from privjax import metrics as metrics_lib
-from privjax import noise
-from privjax import pruning
-from privjax import sampling
-from privjax import tasks
+from privjax.dp import step as dp_step
+from privjax.dp import ghost
+from privjax.answers import aggregates
+from privjax.run import metrics as metrics_lib
+from privjax.dp import noise
+from privjax.compress import pruning
+from privjax.dp import sampling
+from privjax.models import registry
 from privjax.data import dataset as dataset_lib
 from privjax.data import sequences
 from privjax.data import synthetic
@@ -82,7 +82,7 @@ class Workload:
   cfg: config_lib.Config
   ds: dataset_lib.RecDataset
   split: sequences.Split
-  task: tasks.Task
+  task: registry.Task
   model: nnx.Module
   graphdef: Any
   params: Any
@@ -99,7 +99,7 @@ def build_workload(cfg: config_lib.Config) -> Workload:
   """Loads the data, splits it and builds the (initial) model for ``cfg``."""
   ds = load_dataset(cfg.data)
   split = sequences.leave_last_out(ds)
-  task = tasks.get(cfg.model.name)
+  task = registry.get(cfg.model.name)
   streams = noise.KeyStreams(cfg.train.seed)
   model = task.build_model(cfg, ds, nnx.Rngs(params=streams.params_key()))
   graphdef, params, frozen = nnx.split(model, task.trainable(cfg), ...)
@@ -251,7 +251,7 @@ def choose_clipping(requested: str, loss_fun, params, frozen,
       raise ValueError(
           "config.privacy.clipping='ghost' is not exact for this model: ghost norms "
           f"disagree with per-example gradients for {bad}. Some parameter is used "
-          "outside the privjax.nn layers; use clipping='vmap'.")
+          "outside the privjax.models.nn layers; use clipping='vmap'.")
     print(f"privjax: clipping=auto -> vmap (ghost disagrees on {bad})")
     return "vmap"
   return "ghost"
@@ -333,7 +333,7 @@ def dp_popularity_metrics(cfg: config_lib.Config, split: sequences.Split,
   """The DP popularity recommender, same protocol as ``popularity_metrics``.
 
   Item counts from the training sequences with each user in at most
-  ``max_items_per_user`` items, released by ``mechanisms.dp_item_popularity``
+  ``max_items_per_user`` items, released by ``aggregates.dp_item_popularity``
   (user-level (epsilon, delta)-DP; discrete Gaussian when delta is given).
   ``epsilon = inf`` gives the plain (non-private) counts. The noise is seeded:
   for simulation, not for release.
@@ -343,7 +343,7 @@ def dp_popularity_metrics(cfg: config_lib.Config, split: sequences.Split,
   if math.isinf(epsilon):
     counts = np.bincount(item, minlength=ds.num_items).astype(np.float32)
   else:
-    counts, _ = mechanisms.dp_item_popularity(
+    counts, _ = aggregates.dp_item_popularity(
         user, item, num_items=ds.num_items, max_items_per_user=max_items_per_user,
         epsilon=epsilon, delta=delta, rng=seed, seed=seed)
   es = sequences.eval_set(split, "test", cfg.data.max_len)

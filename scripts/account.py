@@ -6,7 +6,7 @@
       --steps 14063 --delta 1e-5 --accountant pld     # prints noise_multiplier=...
 
 Truncated Poisson sampling (``--dataset-size N --truncated-batch-size B``)
-needs ``--accountant pld``. See privjax/accounting.py for the guarantee.
+needs ``--accountant pld``. See privjax/dp/accounting.py for the guarantee.
 """
 
 import argparse
@@ -18,7 +18,7 @@ try:
   import privjax  # noqa: F401
 except ImportError:
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from privjax import accounting
+from privjax.dp import accounting
 
 
 def _parse(argv: list[str] | None

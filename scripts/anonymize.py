@@ -10,7 +10,7 @@
 Guarantee: syntactic k-anonymity (and distinct l-diversity with ``--l``) of
 the released demographics, by Mondrian partitioning; NOT differential privacy.
 The ratings still link users (Narayanan & Shmatikov 2008); see
-privjax/anonymize.py. User ids are replaced by keyed HMAC-SHA256 pseudonyms
+privjax/data/anonymize.py. User ids are replaced by keyed HMAC-SHA256 pseudonyms
 when a key is given (``--key-file`` or ``$PRIVJAX_PSEUDONYM_KEY``), and dropped
 otherwise. The key is never written anywhere. Rows are written sorted by their
 released values, not in user-id order, so that row positions do not re-link
@@ -30,7 +30,7 @@ except ImportError:
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import numpy as np
 
-from privjax import anonymize
+from privjax.data import anonymize
 from privjax.data import movielens
 
 

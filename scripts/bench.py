@@ -3,7 +3,7 @@
 Runs each workload of ``scripts/bench_peers/workloads.py`` (a: 1M-parameter
 MLP, batch 256; b: SASRec at ML-100k sizes, batch 256, sequence 50; c: a
 MiniLM-L6-sized BERT classifier, batch 16, sequence 64) through
-``privjax.dp_step.make_step`` in three modes: ``nonprivate``
+``privjax.dp.step.make_step`` in three modes: ``nonprivate``
 (``StepConfig(private=False)``: the plain gradient of the masked loss sum),
 ``vmap`` (exact per-example gradients) and ``ghost`` (ghost norms with the
 book-keeping clipped sum). All modes use the same loss, data, SGD optimizer
@@ -66,12 +66,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from privjax import clipping  # noqa: E402
-from privjax import dp_step  # noqa: E402
-from privjax import ghost  # noqa: E402
-from privjax import losses  # noqa: E402
-from privjax import nn  # noqa: E402
-from privjax import noise  # noqa: E402
+from privjax.dp import clipping  # noqa: E402
+from privjax.dp import step as dp_step  # noqa: E402
+from privjax.dp import ghost  # noqa: E402
+from privjax.models import losses  # noqa: E402
+from privjax.models import nn  # noqa: E402
+from privjax.dp import noise  # noqa: E402
 from privjax.models import bert  # noqa: E402
 from privjax.models import sasrec  # noqa: E402
 import workloads  # noqa: E402  (scripts/bench_peers/workloads.py)
@@ -88,7 +88,7 @@ BLOCK_MODES = ("vmap",)
 
 
 class Classifier(nnx.Module):
-  """Workload a: a ReLU MLP of ``privjax.nn.Linear`` layers."""
+  """Workload a: a ReLU MLP of ``privjax.models.nn.Linear`` layers."""
 
   def __init__(self, sizes, *, rngs: nnx.Rngs):
     self.layers = nnx.List([nn.Linear(i, o, rngs=rngs)

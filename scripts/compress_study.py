@@ -34,7 +34,7 @@ import numpy as np
 
 from privjax import config as config_lib
 from privjax import export
-from privjax import metrics as metrics_lib
+from privjax.run import metrics as metrics_lib
 from privjax import trainer
 from privjax.data import sequences
 

@@ -17,7 +17,7 @@ Release mode answers DP queries under one ``PrivacyBudget(epsilon, delta)``;
   from the file format, never from the data.
 
 Guarantee: (epsilon, delta)-DP for one user (all their ratings), neighbouring
-datasets differ by adding or removing one user; see privjax/mechanisms.py. The
+datasets differ by adding or removing one user; see privjax/aggregates.py. The
 item catalogue (titles, number of items) is treated as public. Only noisy
 values are printed or written (no true counts, not even the number of users).
 Noise is the exact discrete Laplace (``--delta`` unset) or discrete Gaussian
@@ -45,7 +45,7 @@ except ImportError:
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import numpy as np
 
-from privjax import mechanisms
+from privjax.answers import aggregates
 from privjax.data import movielens
 from privjax.data import sequences
 
@@ -79,7 +79,7 @@ def _parse(argv):
   parser.add_argument("--max-ratings-per-user", type=int, default=None,
                       help="R: ratings a user counts in (rating histogram); "
                       "default M")
-  parser.add_argument("--mechanism", choices=mechanisms.MECHANISMS, default=None,
+  parser.add_argument("--mechanism", choices=aggregates.MECHANISMS, default=None,
                       help="default: discrete_laplace, or discrete_gaussian "
                       "with --delta (exact, secure)")
   parser.add_argument("--query", choices=QUERIES + ("all",), default="all")
@@ -120,7 +120,7 @@ def _parse(argv):
 def _noise_rng(seed: int | None, index: int):
   # Each query gets its own stream; the same seed for both would repeat noise.
   if seed is None:
-    return None  # secure default of privjax.mechanisms
+    return None  # secure default of privjax.answers.aggregates
   return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
@@ -141,8 +141,8 @@ def release(ds, *, epsilon: float, delta: float | None, queries, max_items: int,
             max_ratings: int, mechanism: str | None, seed: int | None,
             half: bool, top: int = 10) -> dict:
   """Answers ``queries`` on ``ds`` under one budget; returns JSON-ready results."""
-  budget = mechanisms.PrivacyBudget(epsilon=epsilon, delta=delta or 0.0)
-  session = mechanisms.Session(budget)
+  budget = aggregates.PrivacyBudget(epsilon=epsilon, delta=delta or 0.0)
+  session = aggregates.Session(budget)
   share_eps = epsilon / len(queries)
   share_delta = None if not delta else delta / len(queries)
   results = []
@@ -150,10 +150,10 @@ def release(ds, *, epsilon: float, delta: float | None, queries, max_items: int,
     rng = _noise_rng(seed, index)
     if query == "popularity":
       counts = session.run_query(
-          mechanisms.dp_item_popularity, name="item_popularity", user=ds.user,
+          aggregates.dp_item_popularity, name="item_popularity", user=ds.user,
           item=ds.item, num_items=ds.num_items, max_items_per_user=max_items,
           epsilon=share_eps, delta=share_delta, mechanism=mechanism, rng=rng)
-      best = mechanisms.recommend_popular(counts, top)
+      best = aggregates.recommend_popular(counts, top)
       result = {"query": "item_popularity", "max_items_per_user": max_items,
                 "counts": counts.tolist(),
                 "top": [{"item": ds.raw_item_ids[i], "title": ds.item_titles[i],
@@ -161,7 +161,7 @@ def release(ds, *, epsilon: float, delta: float | None, queries, max_items: int,
     else:
       bins, labels = rating_bins(ds.rating, half)
       counts = session.run_query(
-          mechanisms.histogram, name="rating_histogram", user=ds.user, bins=bins,
+          aggregates.histogram, name="rating_histogram", user=ds.user, bins=bins,
           num_bins=len(labels), max_contributions_per_user=max_ratings,
           count_rows=True, epsilon=share_eps, delta=share_delta,
           mechanism=mechanism, rng=rng)
@@ -231,7 +231,7 @@ def ranking_metrics(counts: np.ndarray, es: sequences.EvalSet, k: int
 
   The code of ``privjax.trainer.popularity_metrics``, given the counts.
   """
-  from privjax import metrics  # jax: only evaluation needs it
+  from privjax.run import metrics  # jax: only evaluation needs it
   scores = np.broadcast_to(np.asarray(counts, np.float32),
                            (len(es.target), len(counts)))
   ranks = np.asarray(metrics.ranks(scores, es.target, es.exclude))
@@ -252,7 +252,7 @@ def evaluate_dp_popularity(split: sequences.Split, num_items: int, *,
                            mechanism: str | None = None, k: int = 10) -> dict:
   """Test HR@k / NDCG@k of the DP popularity recommender, and of the non-private one.
 
-  The counts are ``mechanisms.dp_item_popularity`` on ``split.train`` only
+  The counts are ``aggregates.dp_item_popularity`` on ``split.train`` only
   (user-level (epsilon, delta)-DP, each user in at most
   ``max_items_per_user`` items); seed s fixes both the contribution bounding
   and the (NOT secure, simulation) noise.
@@ -271,7 +271,7 @@ def evaluate_dp_popularity(split: sequences.Split, num_items: int, *,
   for epsilon in epsilons:
     hrs, ndcgs = [], []
     for seed in seeds:
-      counts, _ = mechanisms.dp_item_popularity(
+      counts, _ = aggregates.dp_item_popularity(
           user, item, num_items=num_items, max_items_per_user=max_items_per_user,
           epsilon=epsilon, delta=delta, mechanism=mechanism, rng=seed, seed=seed)
       hr, ndcg = ranking_metrics(counts, es, k)
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
                     mechanism=args.mechanism, seed=args.seed,
                     half=half_stars(args.data), top=args.top)
       print(format_release(out))
-  except (ValueError, mechanisms.BudgetExceededError) as e:
+  except (ValueError, aggregates.BudgetExceededError) as e:
     parser.error(str(e))
   if args.out is not None:
     path = pathlib.Path(args.out)

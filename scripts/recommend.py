@@ -53,7 +53,7 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 import jax
 import numpy as np
 
-from privjax import noisy_argmax
+from privjax.answers import noisy_argmax
 from privjax import pate
 from privjax import trainer
 from privjax.data import sequences

@@ -1,4 +1,4 @@
-"""Tests for privjax.accounting: golden values, round trips, refusals, CLI."""
+"""Tests for privjax.dp.accounting: golden values, round trips, refusals, CLI."""
 
 import importlib.util
 import json
@@ -11,7 +11,7 @@ import sys
 import dp_accounting
 import pytest
 
-from privjax import accounting
+from privjax.dp import accounting
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "account.py"

@@ -1,4 +1,4 @@
-"""Tests for privjax.anonymize: pseudonyms, hierarchies, Mondrian k-anonymity."""
+"""Tests for privjax.data.anonymize: pseudonyms, hierarchies, Mondrian k-anonymity."""
 
 import hashlib
 import pickle
@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 import numpy as np
 import pytest
 
-from privjax import anonymize
+from privjax.data import anonymize
 
 OCCUPATIONS = sorted(anonymize.OCCUPATION_HIERARCHY)
 QI_NAMES = [qi.name for qi in anonymize.MOVIELENS_QUASI_IDENTIFIERS]

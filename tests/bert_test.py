@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from privjax import nn
+from privjax.models import nn
 from privjax.models import bert
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "bert"

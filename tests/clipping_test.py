@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from privjax import clipping
+from privjax.dp import clipping
 
 
 def _params(seed=0):

@@ -15,7 +15,7 @@ import pytest
 
 from privjax import config as config_lib
 from privjax import export
-from privjax import quantization
+from privjax.compress import quantization
 from privjax import trainer
 from privjax.data import sequences
 

@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from privjax import clipping
-from privjax import ghost
-from privjax import losses
-from privjax import nn
+from privjax.dp import clipping
+from privjax.dp import ghost
+from privjax.models import losses
+from privjax.models import nn
 from privjax.models import mlp
 
 

@@ -9,7 +9,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from privjax import losses
+from privjax.models import losses
 from privjax.data import sequences
 from privjax.models import bert
 from privjax.models import llm_rec

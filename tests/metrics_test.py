@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from privjax import metrics
+from privjax.run import metrics
 
 
 def test_ranks_hand_computed():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from privjax import noise
+from privjax.dp import noise
 
 SIGMA, C = 1.3, 0.7
 

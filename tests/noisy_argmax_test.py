@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from privjax import noisy_argmax as na
+from privjax.answers import noisy_argmax as na
 
 VOTES = na.Sensitivity(linf=1.0, l2=math.sqrt(2), l1=2.0)  # single-vote histograms
 PARAMS = {"gumbel": {"epsilon": 1.0}, "laplace": {"epsilon": 1.0},

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from privjax import config as config_lib
-from privjax import noisy_argmax
+from privjax.answers import noisy_argmax
 from privjax import pate
-from privjax import sampling
+from privjax.dp import sampling
 from privjax import trainer
 from privjax.data import sequences
 

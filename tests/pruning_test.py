@@ -1,4 +1,4 @@
-"""Tests for privjax.pruning: exact counts, N:M blocks, masked DP updates, schedule."""
+"""Tests for privjax.compress.pruning: exact counts, N:M blocks, masked DP updates, schedule."""
 
 import math
 import re
@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from privjax import pruning
+from privjax.compress import pruning
 from privjax.models import mlp
 
 

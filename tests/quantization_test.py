@@ -1,4 +1,4 @@
-"""Tests for privjax.quantization: error bound, rounding table, zeros, int8 paths."""
+"""Tests for privjax.compress.quantization: error bound, rounding table, zeros, int8 paths."""
 
 import functools
 
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from privjax import quantization
+from privjax.compress import quantization
 from privjax.models import mlp
 
 F32_MAX = float(np.finfo(np.float32).max)

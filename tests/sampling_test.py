@@ -1,4 +1,4 @@
-"""Tests for privjax.sampling: the sample is Poisson, padded, masked, resumable."""
+"""Tests for privjax.dp.sampling: the sample is Poisson, padded, masked, resumable."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from privjax import sampling
+from privjax.dp import sampling
 
 # Significance level for goodness-of-fit tests: with fixed seeds they are
 # deterministic, and each is paired with a wrong alternative it must reject.

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from privjax import accounting
+from privjax.dp import accounting
 from privjax import config as config_lib
 from privjax import trainer
 
@@ -149,7 +149,7 @@ def test_dp_beats_nothing_but_runs_and_popularity_is_sane(tmp_path):
 
 
 def test_gradual_pruning_keeps_pruned_weights_exactly_zero_through_dp_steps(tmp_path):
-  from privjax import pruning  # pylint: disable=g-import-not-at-top
+  from privjax.compress import pruning  # pylint: disable=g-import-not-at-top
   cfg = _cfg(**{"prune.sparsity": 0.5, "prune.start_step": 0, "prune.end_step": 2,
                 "prune.frequency": 1, "train.steps": 6})
   trainer.train_and_evaluate(cfg, tmp_path, show_progress=False)

@@ -1,6 +1,6 @@
 """A BERT encoder in Flax NNX that loads Hugging Face BERT checkpoints.
 
-Built only from ``privjax.nn`` layers, so every parameterised op calls the
+Built only from ``privjax.models.nn`` layers, so every parameterised op calls the
 trace-time tap that ghost clipping uses. The model is deterministic (no
 dropout) and never mixes examples: attention mixes positions of one sequence
 only, and every axis before the last (sequence) axis is a free leading axis,
@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from privjax import nn
+from privjax.models import nn
 
 _LOG = logging.getLogger(__name__)
 

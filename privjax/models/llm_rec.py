@@ -69,8 +69,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from privjax import losses
-from privjax import nn
+from privjax.models import losses
+from privjax.models import nn
 from privjax.data import sequences
 from privjax.models import bert
 

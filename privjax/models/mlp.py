@@ -3,14 +3,14 @@
 The last ``max_len`` items (0 = padding) are embedded, concatenated, passed
 through a hidden layer and projected to a user vector, which is scored
 against a separate output item-embedding table (untied, so every parameter is
-used once). Built from ``privjax.nn`` layers so ghost clipping can see them.
+used once). Built from ``privjax.models.nn`` layers so ghost clipping can see them.
 """
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from privjax import nn
+from privjax.models import nn
 
 
 class NextItemMLP(nnx.Module):

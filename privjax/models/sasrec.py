@@ -7,7 +7,7 @@ pre-LN transformer blocks with a causal mask, and the hidden state at each
 position scores every item as the next one. Training uses every position of a
 window at once (``sequence_examples``, ``sequence_loss``).
 
-Built only from ``privjax.nn`` layers, so every parameterised op calls the
+Built only from ``privjax.models.nn`` layers, so every parameterised op calls the
 trace-time tap that ghost clipping uses. Nothing mixes examples: attention
 mixes positions of ONE sequence; the same code runs on one example ``[L]``
 (as under the DP code's per-example ``vmap``) or on a batch ``[B, L]``.
@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from privjax import losses
-from privjax import nn
+from privjax.models import losses
+from privjax.models import nn
 from privjax.data import sequences
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {

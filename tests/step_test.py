@@ -13,9 +13,9 @@ import optax
 import pytest
 from scipy import stats
 
-from privjax import clipping
-from privjax import dp_step
-from privjax import noise
+from privjax.dp import clipping
+from privjax.dp import step as dp_step
+from privjax.dp import noise
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -150,7 +150,8 @@ _SHARDED_SCRIPT = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np, optax
 sys.path.insert(0, sys.argv[1])
-from privjax import dp_step, noise
+from privjax.dp import noise
+from privjax.dp import step as dp_step
 rng = np.random.default_rng(0)
 params = {"w": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)}
 batch = {"x": rng.normal(size=(16, 2, 6)).astype(np.float32),

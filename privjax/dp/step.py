@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from privjax import clipping
-from privjax import ghost
-from privjax import noise
+from privjax.dp import clipping
+from privjax.dp import ghost
+from privjax.dp import noise
 
 PyTree = Any
 
@@ -54,7 +54,7 @@ class StepConfig:
     per_layer: clip each parameter leaf with C / sqrt(num_leaves).
     microbatch_size: groups per microbatch inside the step (None: all).
     clipping: "vmap" (exact per-example gradients) or "ghost" (the ghost-norm
-      fast path, ``privjax.ghost``; same result). The trainer resolves
+      fast path, ``privjax.dp.ghost``; same result). The trainer resolves
       "auto" to one of the two before building the step.
   """
   private: bool = True
@@ -103,7 +103,7 @@ def make_step(
   Returns:
     ``step(state, frozen, batch, mask, noise_key, rng=None) -> (state,
     metrics)``, jitted, with ``state`` donated. ``batch`` leaves are
-    ``[G, K, ...]`` and ``mask`` is ``[G, K]`` (see ``privjax.clipping``).
+    ``[G, K, ...]`` and ``mask`` is ``[G, K]`` (see ``privjax.dp.clipping``).
   """
   make_sum = clipped_sum_fn or {"vmap": clipping.clipped_grad_sum,
                                 "ghost": ghost.clipped_grad_sum}[config.clipping]

@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from privjax import dp_step
-from privjax import noise
+from privjax.dp import step as dp_step
+from privjax.dp import noise
 from privjax.models import bert
 from privjax.models import llm_rec
 

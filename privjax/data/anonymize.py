@@ -9,7 +9,7 @@ them in a public rating table (Narayanan & Shmatikov 2008, "Robust
 de-anonymization of large sparse datasets", the Netflix Prize attack), whatever
 was done to their demographics. Pseudonyms are not anonymity either: anyone
 with the key, or with enough side information, re-links them, and pseudonymous
-data is still personal data. Use ``privjax.mechanisms`` for releases that need
+data is still personal data. Use ``privjax.answers.aggregates`` for releases that need
 a formal guarantee.
 
 What it is. Tools to reduce the obvious risk in a user table such as

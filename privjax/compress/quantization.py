@@ -246,7 +246,7 @@ def int8_matmul(x: jax.Array, q: QTensor) -> jax.Array:
 # ------------------------------------------------------------------ pytrees
 
 def _as_patterns(pattern: Pattern) -> tuple[str | re.Pattern, ...]:
-  # The same matching rules as privjax.pruning (primitives do not import
+  # The same matching rules as privjax.compress.pruning (primitives do not import
   # each other, so this small helper is repeated).
   if isinstance(pattern, (str, re.Pattern)):
     return (pattern,)

@@ -22,7 +22,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from privjax import quantization
+from privjax.compress import quantization
 
 # kind is one of "linear", "embed", "attend", "layernorm".
 TapFn = Callable[[nnx.Module, str, jax.Array, jax.Array], jax.Array]

@@ -467,7 +467,7 @@ class PrivacyBudget:
   >>> budget.spend(dp_accounting.LaplaceDpEvent(1.0), name="q2")
   Traceback (most recent call last):
   ...
-  privjax.mechanisms.BudgetExceededError: query 'q2' would spend epsilon=1.5 > budget epsilon=1.0 (delta=0.0); refused, nothing spent
+  privjax.answers.aggregates.BudgetExceededError: query 'q2' would spend epsilon=1.5 > budget epsilon=1.0 (delta=0.0); refused, nothing spent
   >>> [q.name for q in budget.queries], budget.spent_epsilon
   (['q1'], 0.5)
   """

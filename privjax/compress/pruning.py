@@ -14,7 +14,7 @@ pattern is a glob (``fnmatch.fnmatchcase``; ``*`` also matches "/"), a
 compiled regex (``re.Pattern``, must match the whole path), or a sequence of
 these (any may match). A leaf is selected when it is 2-D, matches ``pattern``
 and matches no ``exclude`` pattern. The default selects every 2-D ``kernel``
-([in, out] in ``privjax.nn.Linear``); embeddings are not pruned unless asked.
+([in, out] in ``privjax.models.nn.Linear``); embeddings are not pruned unless asked.
 
 Masks. A mask pytree has the structure of the parameters: a bool array of the
 leaf's shape for every selected leaf (True = keep) and ``None`` for every other

@@ -1,10 +1,10 @@
 """Ghost clipping: per-group gradient norms without per-example gradients.
 
-The fast path of ``privjax.clipping``: same signature, same output
+The fast path of ``privjax.dp.clipping``: same signature, same output
 (``ClippedSum``), same guarantee, at close to the cost of one ordinary
 forward and backward pass.
 
-How. Every ``privjax.nn`` layer taps its input ``a`` and output ``y``. One
+How. Every ``privjax.models.nn`` layer taps its input ``a`` and output ``y``. One
 batched forward/backward pass records, for each tapped layer, ``a`` and the
 gradient ``b = dL/dy`` of the masked loss sum (obtained as the gradient with
 respect to a zero perturbation added to ``y``; weight gradients are never
@@ -45,8 +45,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from privjax import clipping
-from privjax import nn
+from privjax.dp import clipping
+from privjax.models import nn
 
 PyTree = Any
 
@@ -229,12 +229,12 @@ def clipped_grad_sum(
     per_layer: bool = False,
     microbatch_size: int | None = None,
 ) -> Callable[..., clipping.ClippedSum]:
-  """Ghost-norm version of ``privjax.clipping.clipped_grad_sum``.
+  """Ghost-norm version of ``privjax.dp.clipping.clipped_grad_sum``.
 
   Same arguments, same returned function and the same guarantee: each
   group's gradient is clipped to norm C (or per-leaf C_l), padding and
   non-finite groups contribute exactly zero, and the result is the SUM with
-  its L2 sensitivity. The model must be built from ``privjax.nn`` layers for
+  its L2 sensitivity. The model must be built from ``privjax.models.nn`` layers for
   the fast path; other trainable leaves fall back to exact per-group grads.
 
   >>> from flax import nnx

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from privjax import config as config_lib
-from privjax import losses
+from privjax.models import losses
 from privjax.data import sequences
 from privjax.models import bert
 from privjax.models import llm_rec

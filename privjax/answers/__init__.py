@@ -1,0 +1,1 @@
+"""Released answers: DP statistics, noisy argmax / top-k, and the one budget filter."""

@@ -1,0 +1,1 @@
+"""Deployment compression: magnitude pruning and int8 quantization (no data touched)."""

@@ -1,0 +1,1 @@
+"""The run: workload, training loop, evaluation, reports, checkpoints."""
