@@ -58,4 +58,4 @@ def single_model_overrides() -> dict[str, object]:
 
 
 def get_pate_config() -> pate.PateConfig:
-  return pate.PateConfig(num_teachers=50, num_public_users=100, seed=0)
+  return pate.PateConfig(num_teachers=50, public_fraction=0.1)

@@ -13,7 +13,7 @@ bad value is an error naming both.
 >>> override(cfg, "privacy.sigma", "1.0")
 Traceback (most recent call last):
 ...
-ValueError: unknown config field 'privacy.sigma'; PrivacyConfig has: accountant, clipping, delta, enabled, epsilon_budget, l2_clip_norm, microbatch_size, noise_multiplier, overflow, per_layer, sampling_prob, target_epsilon, unit
+ValueError: unknown config field 'privacy.sigma'; PrivacyConfig has: accountant, clipping, count_epsilon, delta, enabled, epsilon_budget, l2_clip_norm, microbatch_size, neighbouring, noise_multiplier, overflow, per_layer, reproducible_noise_seed, sampling_prob, target_epsilon, unit
 """
 
 import dataclasses
@@ -42,7 +42,8 @@ class DataConfig:
   # Examples: the last `max_len` items of the history predict the next one.
   max_len: int = 10
   # Contribution bounding: a user contributes at most this many training
-  # examples (chosen at random with `seed`, independently of their content).
+  # examples (which ones: a keyed hash of the user's id and the example's
+  # position, keyed by the run secret; see privjax.data.bounding).
   max_examples_per_user: int = 16
 
 
@@ -77,29 +78,42 @@ class ModelConfig:
 
 @dataclasses.dataclass(kw_only=True)
 class PrivacyConfig:
-  """DP-SGD parameters. Everything here is public."""
+  """DP-SGD parameters. Everything here is public: it is written to config.json."""
   enabled: bool = True
   # "user": neighbouring datasets differ in all examples of one user (group
   # clipping); "example": they differ in one training example.
   unit: str = "user"
+  # "add_remove": neighbours differ by one unit added or removed; the number of
+  # units N is then private and is released only as a DP count (count_epsilon,
+  # added to epsilon). "replace_one": neighbours have the same N and differ in
+  # one unit's data; N is public and printed (PLD accountant only).
+  neighbouring: str = "add_remove"
   # Give exactly one of noise_multiplier / target_epsilon when enabled.
   noise_multiplier: float | None = None
   target_epsilon: float | None = None
   # Training stops before a step that would exceed this (defaults to
-  # target_epsilon).
+  # target_epsilon). Both include count_epsilon.
   epsilon_budget: float | None = None
-  # None: 1 / num_units**1.1 (stated in privacy.json).
-  delta: float | None = None
+  # Epsilon of the DP count of units that q = batch_size / N is derived from
+  # (add_remove only).
+  count_epsilon: float = 0.05
+  # A public choice, well below 1 / N (privacy.json states delta x N-estimate).
+  delta: float = 1e-5
   l2_clip_norm: float = 1.0
   per_layer: bool = False
   clipping: str = "vmap"
   accountant: str = "rdp"
-  # None: derived from train.batch_size / num_units.
+  # None: train.batch_size / N (N from the DP count under add_remove).
   sampling_prob: float | None = None
   microbatch_size: int | None = None
   # Batches larger than the largest static bucket: "grow" (pad further, a rare
-  # recompile), "truncate" (needs the PLD accountant) or "refuse".
+  # recompile), "truncate" (needs the PLD accountant and a public N) or "refuse".
   overflow: str = "grow"
+  # RESEARCH ONLY. An integer derives the run secret (noise, sampling,
+  # bounding) from this public seed: the run is reproducible and is NOT a DP
+  # release, and every report says so. None (default): a secret from OS
+  # entropy, kept in <workdir>/secret/.
+  reproducible_noise_seed: int | None = None
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -110,6 +124,8 @@ class TrainConfig:
   batch_size: int = 256
   optimizer: str = "adam"
   learning_rate: float = 1e-3
+  # Public: sets the initial parameters only (noise and sampling come from the
+  # run secret).
   seed: int = 0
   log_every: int = 25
   eval_every: int = 0
@@ -164,6 +180,7 @@ _CHOICES = {
     "model.name": ("mlp", "sasrec", "llm"),
     "model.trainable": ("full", "last_k", "lora", "head"),
     "privacy.unit": ("user", "example"),
+    "privacy.neighbouring": ("add_remove", "replace_one"),
     "privacy.clipping": ("vmap", "ghost", "auto"),
     "privacy.accountant": ("rdp", "pld"),
     "privacy.overflow": ("grow", "truncate", "refuse"),
@@ -237,8 +254,17 @@ def validate(cfg: Config) -> Config:
     value = getattr(p, field)
     if value is not None and not value > 0:
       bad(f"privacy.{field}", value, "must be > 0")
-  if p.delta is not None and not 0 < p.delta < 1:
+  if not 0 < p.delta < 1:
     bad("privacy.delta", p.delta, "must be in (0, 1)")
+  if not (p.count_epsilon > 0 and math.isfinite(p.count_epsilon)):
+    bad("privacy.count_epsilon", p.count_epsilon, "must be > 0 and finite")
+  if p.reproducible_noise_seed is not None and p.reproducible_noise_seed < 0:
+    bad("privacy.reproducible_noise_seed", p.reproducible_noise_seed, "must be >= 0")
+  if not 0 <= cfg.train.seed < 2**64:
+    bad("train.seed", cfg.train.seed, "must be in [0, 2**64)")
+  if p.neighbouring == "replace_one" and p.accountant != "pld":
+    bad("privacy.neighbouring", p.neighbouring, "needs privacy.accountant='pld' "
+        "(RDP cannot account for Poisson sampling under replace-one)")
   if p.sampling_prob is not None and not 0 < p.sampling_prob <= 1:
     bad("privacy.sampling_prob", p.sampling_prob, "must be in (0, 1]")
   if p.microbatch_size is not None and p.microbatch_size <= 0:
@@ -252,6 +278,21 @@ def validate(cfg: Config) -> Config:
     if p.overflow == "truncate" and p.accountant != "pld":
       bad("privacy.overflow", p.overflow, "needs privacy.accountant='pld' "
           "(only PLD accounts for truncated Poisson sampling)")
+    if p.overflow == "truncate" and p.neighbouring == "add_remove":
+      bad("privacy.overflow", p.overflow, "needs privacy.neighbouring='replace_one' "
+          "(truncated Poisson accounting depends on N, which add/remove-one DP "
+          "keeps private)")
+    if (p.neighbouring == "add_remove" and p.noise_multiplier is not None
+        and p.sampling_prob is None):
+      bad("privacy.noise_multiplier", p.noise_multiplier,
+          "needs a public privacy.sampling_prob under privacy.neighbouring="
+          "'add_remove' (q = batch_size / N would make epsilon depend on the "
+          "private N); or give privacy.target_epsilon instead")
+    limits = [x for x in (p.target_epsilon, p.epsilon_budget) if x is not None]
+    if p.neighbouring == "add_remove" and limits and p.count_epsilon >= min(limits):
+      bad("privacy.count_epsilon", p.count_epsilon,
+          f"must be below the target epsilon / budget ({min(limits)}): it is part "
+          "of it")
   return cfg
 
 

@@ -74,7 +74,8 @@ from privjax.models import nn
 from privjax.compress import pruning
 from privjax.compress import quantization
 from privjax.models import registry
-from privjax import trainer
+from privjax.run import evaluate as evaluate_lib
+from privjax.run import workload as workload_lib
 from privjax.data import sequences
 from privjax.models import bert
 from privjax.models import llm_rec
@@ -463,7 +464,7 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
   if out.exists() and any(out.iterdir()) and not overwrite:
     raise FileExistsError(f"export directory {out} exists and is not empty "
                           "(pass overwrite=True / --overwrite)")
-  w, params, step = trainer.load_trained(workdir)
+  w, params, step = workload_lib.load_trained(workdir)
   statement = json.loads(privacy_src.read_text())
   if statement.get("steps") != step:
     raise ValueError(f"{privacy_src} states steps={statement.get('steps')} but the "
@@ -693,7 +694,7 @@ def evaluate(out: str | pathlib.Path, *, which: tuple[str, ...] = ("valid", "tes
   cfg = meta["config"]
   if data_path is not None:
     cfg = config_lib.replace(cfg, **{"data.path": str(data_path)})
-  ds = trainer.load_dataset(cfg.data)
+  ds = workload_lib.load_dataset(cfg.data)
   if ds.num_items != meta["num_items"] or (
       tuple(ds.item_titles) != tuple(meta["items"]["titles"])):
     raise ValueError(f"the data at config.data.path={cfg.data.path!r} has "
@@ -705,10 +706,10 @@ def evaluate(out: str | pathlib.Path, *, which: tuple[str, ...] = ("valid", "tes
   task = dataclasses.replace(registry.get(family), eval_inputs=eval_inputs)
   score_fn = jax.jit(lambda params, frozen, inputs: predict(
       nnx.merge(graphdef, params), inputs))
-  w = trainer.Workload(cfg, ds, sequences.leave_last_out(ds), task, model,
+  w = workload_lib.Workload(cfg, ds, sequences.leave_last_out(ds), task, model,
                        graphdef, state, nnx.State({}), None, score_fn)
   return {"step": meta["manifest"]["source"]["checkpoint_step"],
-          **{split: trainer.evaluate(w, state, nnx.State({}), split)
+          **{split: evaluate_lib.evaluate(w, state, nnx.State({}), split)
              for split in which}}
 
 

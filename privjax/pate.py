@@ -1,13 +1,15 @@
 """PATE for recommendation: teachers on disjoint user shards, noisy vote answers, a student.
 
-This is the second place (besides ``trainer.py``) where privjax composes its
+This is the second place (besides ``run/train.py``) where privjax composes its
 primitives, because PATE (Papernot et al. 2017, 2018) is a different algorithm
 from DP-SGD: the models are trained WITHOUT privacy, and privacy comes from
 how their outputs are aggregated and released.
 
-  1. Shards    the training users are split into ``m`` disjoint shards by a
-               seeded permutation (``shard_users``): a user's whole history
-               lies in exactly one shard. Optionally some users are held out
+  1. Shards    every training user goes to one of ``m`` disjoint shards by a
+               keyed hash of their raw id, keyed by the run secret
+               (``shard_users``): a user's whole history lies in exactly one
+               shard, and adding or removing a user moves nobody else.
+               Optionally a fraction of users (by the same hash) is held out
                of every shard as *public* users (their histories are assumed
                public, e.g. users who opted in; they feed the student).
   2. Teachers  ``m`` models of one architecture, one per shard, trained
@@ -40,8 +42,10 @@ noisy argmax / top-k of that histogram, with the guarantee and cost stated in
 ``privjax.answers.noisy_argmax`` (data-independent accounting: every answered query
 pays its mechanism; under Confident GNMax every query also pays the threshold
 check). A session of answers is ``(epsilon_budget, delta)``-DP for each
-training user, whatever the queries. The shard assignment depends on the seed
-only, not on the data, so it may be public. Items a query has already seen
+training user, whatever the queries. A user's shard depends only on that
+user's raw id and the secret key, so adding or removing one user changes
+exactly one teacher (tested); the key stays secret so that nobody can aim a
+user at a chosen teacher. Items a query has already seen
 (and, optionally, items outside a public candidate pool) are excluded from
 votes and answers: they come from the query and public data, not from the
 training users, and no teacher votes for them, so the sensitivity is unchanged.
@@ -56,11 +60,10 @@ answer is returned to whoever asked. A student trained on public queries and
 noisy labels is post-processing of those labels: its guarantee is the
 labels' cost, and it then answers any number of queries for free.
 
->>> shards = shard_users(10, 3, seed=0, num_public=1)
+>>> keys = secret_lib.RunSecret.from_seed(0).unit_keys("pate/shards", range(10))
+>>> shards = shard_users(keys, 3, public_fraction=0.1)
 >>> sorted(np.concatenate(shards.shards).tolist() + shards.public.tolist())
 [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
->>> [len(s) for s in shards.shards]
-[3, 3, 3]
 """
 
 import dataclasses
@@ -77,14 +80,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from privjax.run import checkpoint
 from privjax import config as config_lib
-from privjax.dp import step as dp_step
-from privjax.dp import noise
 from privjax.answers import noisy_argmax
-from privjax.dp import sampling
-from privjax import trainer
+from privjax.data import bounding
 from privjax.data import sequences
+from privjax.dp import noise
+from privjax.dp import sampling
+from privjax.dp import secret as secret_lib
+from privjax.dp import step as dp_step
+from privjax.run import checkpoint
+from privjax.run import workload as workload_lib
 
 # Answer mechanisms, by the name used in papers and on the command line.
 MECHANISMS = ("gnmax", "gumbel", "laplace")
@@ -103,25 +108,26 @@ class PateConfig:
 
   Attributes:
     num_teachers: m, the number of disjoint user shards (and teachers).
-    num_public_users: users held out of every shard; their histories are
-      treated as public (student queries). 0: every user is private.
-    seed: seeds the shard permutation, which is independent of the data.
+    public_fraction: each user is held out of every shard with this
+      probability (by the keyed hash); their histories are treated as public
+      (student queries). 0: every user is private.
 
   Teacher training uses the model config's ``train`` section: ``steps``,
   ``batch_size`` (expected users per teacher per step), ``optimizer``,
-  ``learning_rate`` and ``seed``; its ``privacy`` section is ignored.
+  ``learning_rate`` and ``seed`` (initial parameters); teacher sampling, the
+  shards and contribution bounding come from the run secret. The ``privacy``
+  section gives only ``reproducible_noise_seed``.
 
   >>> PateConfig(num_teachers=10).num_teachers
   10
   """
   num_teachers: int = 10
-  num_public_users: int = 0
-  seed: int = 0
+  public_fraction: float = 0.0
 
   def __post_init__(self):
     _integer("num_teachers", self.num_teachers, 1)
-    _integer("num_public_users", self.num_public_users, 0)
-    _integer("seed", self.seed, 0)
+    if not 0 <= self.public_fraction < 1:
+      raise ValueError(f"public_fraction={self.public_fraction!r} must be in [0, 1)")
 
 
 def _integer(name: str, value, minimum: int) -> int:
@@ -155,29 +161,37 @@ class UserShards:
     return out
 
 
-def shard_users(num_users: int, num_shards: int, *, seed: int,
-                num_public: int = 0) -> UserShards:
-  """Splits users into ``num_shards`` disjoint shards by a seeded permutation.
+def shard_users(unit_keys: np.ndarray, num_shards: int, *,
+                public_fraction: float = 0.0) -> UserShards:
+  """Assigns every user to one of ``num_shards`` shards by its key.
 
-  The first ``num_public`` users of the permutation are public; the rest are
-  cut into ``num_shards`` contiguous parts whose sizes differ by at most one.
-  Depends on ``(num_users, num_shards, seed, num_public)`` only, never on the
-  data.
+  With ``u = unit_keys[i] / 2**64`` uniform in [0, 1), user ``i`` is public if
+  ``u < public_fraction``, else in shard ``floor((u - f) / (1 - f) * m)``.
 
-  >>> shard_users(5, 2, seed=1).shards
-  (array([1, 2, 4]), array([0, 3]))
+  Guarantee: a user's shard depends on that user's key alone; with keys from
+  ``RunSecret.unit_keys(label, raw_user_ids)`` adding or removing one user
+  changes that user's shard membership and no other (which is what the
+  one-teacher sensitivity of the votes needs). Shard sizes are random (about
+  equal); a shard may be empty for tiny datasets.
+
+  Args:
+    unit_keys: uint64 [num_users], keyed hashes of the raw user ids.
+    num_shards: m >= 1.
+    public_fraction: in [0, 1).
   """
-  num_users = _integer("num_users", num_users, 1)
+  keys = np.asarray(unit_keys)
+  if keys.ndim != 1 or keys.dtype != np.uint64:
+    raise ValueError(f"unit_keys must be a 1-D uint64 array, got {keys.dtype} {keys.shape}")
   num_shards = _integer("num_shards", num_shards, 1)
-  num_public = _integer("num_public", num_public, 0)
-  if num_users - num_public < num_shards:
-    raise ValueError(f"num_users={num_users} minus num_public={num_public} leaves "
-                     f"fewer users than num_shards={num_shards}")
-  rng = np.random.default_rng(np.random.SeedSequence(_integer("seed", seed, 0),
-                                                     spawn_key=(0,)))
-  order = rng.permutation(num_users)
-  shards = tuple(np.sort(part) for part in np.array_split(order[num_public:], num_shards))
-  return UserShards(np.sort(order[:num_public]), shards)
+  if not 0 <= public_fraction < 1:
+    raise ValueError(f"public_fraction={public_fraction!r} must be in [0, 1)")
+  u = (keys >> np.uint64(11)).astype(np.float64) * 2.0**-53    # uniform [0, 1)
+  public = u < public_fraction
+  shard = np.minimum(((u - public_fraction) / (1 - public_fraction) * num_shards)
+                     .astype(np.int64), num_shards - 1)
+  users = np.arange(len(keys))
+  return UserShards(users[public],
+                    tuple(users[~public & (shard == t)] for t in range(num_shards)))
 
 
 def teacher_seeds(seed: int, num_teachers: int) -> list[int]:
@@ -195,9 +209,9 @@ def teacher_seeds(seed: int, num_teachers: int) -> list[int]:
 # ----------------------------------------------------------------------------
 
 
-def init_params(w: trainer.Workload, seed: int):
+def init_params(w: workload_lib.Workload, seed: int):
   """Fresh trainable parameters of ``w``'s architecture, initialised from ``seed``."""
-  model = w.task.build_model(w.cfg, w.ds, nnx.Rngs(params=noise.KeyStreams(seed).params_key()))
+  model = w.task.build_model(w.cfg, w.ds, nnx.Rngs(params=noise.params_key(seed)))
   _, params, _ = nnx.split(model, w.task.trainable(w.cfg), ...)
   return nnx.to_pure_dict(params)
 
@@ -216,7 +230,7 @@ def _samplers(unit_rows: Sequence[np.ndarray], seeds: Sequence[int],
   # Every teacher pads to one static size, so the vmapped step compiles once.
   # Teachers are not private: truncating a (vanishingly rare) oversized sample
   # costs nothing here, and keeps that shape fixed.
-  probs = [min(batch_size / len(rows), 1.0) for rows in unit_rows]
+  probs = [min(batch_size / max(len(rows), 1), 1.0) for rows in unit_rows]
   size = max(max(sampling.bucket_sizes(num_units=len(rows), sampling_prob=q))
              for rows, q in zip(unit_rows, probs))
   return [sampling.PoissonSampler(sampling_prob=q, seed=s, bucket_sizes=(size,),
@@ -237,7 +251,7 @@ def _steps(loss_fun, optimizer: str, learning_rate: float, batch_size: int,
            uses_rng: bool):
   """The optimizer, the plain step and its vmapped twin, built once per setting
   (a new jitted function would be traced and compiled again)."""
-  optimizer = trainer.base_optimizer(config_lib.TrainConfig(
+  optimizer = workload_lib.base_optimizer(config_lib.TrainConfig(
       optimizer=optimizer, learning_rate=learning_rate))
   step_fn = dp_step.make_step(loss_fun, optimizer, dp_step.StepConfig(
       private=False, expected_batch_size=float(batch_size)))
@@ -248,16 +262,19 @@ def _steps(loss_fun, optimizer: str, learning_rate: float, batch_size: int,
   return optimizer, step_fn, vmapped
 
 
-def train_teachers(w: trainer.Workload, examples: dict[str, np.ndarray],
+def train_teachers(w: workload_lib.Workload, examples: dict[str, np.ndarray],
                    unit_rows: Sequence[np.ndarray], *, seeds: Sequence[int],
-                   steps: int, batch_size: int, vmap: bool = True,
+                   steps: int, batch_size: int,
+                   sampling_seeds: Sequence[int] | None = None, vmap: bool = True,
                    log_every: int = 0) -> Any:
   """Trains one model per entry of ``unit_rows``, non-privately; stacked params.
 
-  Teacher ``t`` starts from ``init_params(w, seeds[t])`` and at every step
-  takes a Poisson sample (expected size ``batch_size``, sampler seeded by
-  ``seeds[t]``) of the units in ``unit_rows[t]`` (int [n_t, K] row indices
-  into ``examples``, -1 padded, as ``sampling.group_rows`` returns), through
+  Teacher ``t`` starts from ``init_params(w, seeds[t])`` (public) and at
+  every step takes a Poisson sample (expected size ``batch_size``, sampler and
+  dropout seeded by ``sampling_seeds[t]``: secret ones for private data, see
+  ``train_ensemble``; default ``seeds``) of the units in ``unit_rows[t]``
+  (int [n_t, K] row indices into ``examples``, -1 padded, as
+  ``bounding.group_rows`` returns), through
   the non-private twin of ``dp_step.make_step`` (plain gradient of the masked
   loss sum divided by ``batch_size``; optimizer from ``w.cfg.train``).
 
@@ -277,12 +294,14 @@ def train_teachers(w: trainer.Workload, examples: dict[str, np.ndarray],
   uses_rng = w.task.uses_rng(w.cfg)
   optimizer, step_fn, vmapped = _steps(w.loss_fun, w.cfg.train.optimizer,
                                        w.cfg.train.learning_rate, batch_size, uses_rng)
-  samplers = _samplers(unit_rows, seeds, batch_size)
+  sampling_seeds = list(seeds if sampling_seeds is None else sampling_seeds)
+  samplers = _samplers(unit_rows, sampling_seeds, batch_size)
   # The non-private step draws no noise; its key argument is a placeholder.
   unused_noise_key = jax.random.key(0)
+  streams = [noise.KeyStreams(secret_lib.key_from_int(s % 2**64)) for s in sampling_seeds]
 
   def rng(t, step):
-    return noise.KeyStreams(seeds[t]).dropout_key(step) if uses_rng else None
+    return streams[t].dropout_key(step) if uses_rng else None
 
   teachers = range(len(unit_rows))
   if not vmap:
@@ -329,7 +348,7 @@ def seen_mask(exclude: np.ndarray, num_items: int) -> np.ndarray:
   return seen
 
 
-def top_unseen(w: trainer.Workload, params, inputs: dict[str, np.ndarray],
+def top_unseen(w: workload_lib.Workload, params, inputs: dict[str, np.ndarray],
                seen: np.ndarray, k: int, *, stacked: bool,
                chunk: int = 256) -> np.ndarray:
   """Each model's top-``k`` items among those the query has not seen.
@@ -613,7 +632,7 @@ class Ensemble:
 
   ``params`` are the stacked teachers' trainable params ``[m, ...]``.
   """
-  w: trainer.Workload
+  w: workload_lib.Workload
   pate: PateConfig
   shards: UserShards
   params: Any
@@ -652,24 +671,31 @@ def train_ensemble(cfg: config_lib.Config, pate_cfg: PateConfig,
 
   ``workdir`` (optional) receives ``config.json``, ``pate.json`` (the PATE
   config, shard sizes, the public users, and the warning that the directory
-  is NOT private) and ``checkpoints/`` (stacked teacher params).
+  is NOT private), ``checkpoints/`` (stacked teacher params) and ``secret/``
+  (the run secret that keys the shards; ``load_ensemble`` needs it). Without
+  a workdir the secret lives in memory only. With
+  ``privacy.reproducible_noise_seed`` the secret is derived from it.
   """
   cfg = config_lib.validate(teacher_config(cfg))
-  w = trainer.build_workload(cfg)
-  shards = shard_users(w.ds.num_users, pate_cfg.num_teachers, seed=pate_cfg.seed,
-                       num_public=pate_cfg.num_public_users)
-  examples, user_of_row = w.task.train_examples(cfg, w.split, w.ds, w.model)
-  per_user = sampling.group_rows(user_of_row, num_units=w.ds.num_users,
-                                 max_rows_per_unit=cfg.data.max_examples_per_user,
-                                 seed=cfg.data.seed)
-  params = train_teachers(
-      w, examples, [per_user[users] for users in shards.shards],
-      seeds=teacher_seeds(cfg.train.seed, pate_cfg.num_teachers),
-      steps=cfg.train.steps, batch_size=cfg.train.batch_size, log_every=log_every)
-  ensemble = Ensemble(w, pate_cfg, shards, params)
+  seed = cfg.privacy.reproducible_noise_seed
   if workdir is not None:
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    secret = secret_lib.for_run(workdir, reproducible_seed=seed, resuming=False)
+  else:
+    secret = (secret_lib.RunSecret.fresh() if seed is None
+              else secret_lib.RunSecret.from_seed(seed))
+  w = workload_lib.build_workload(cfg)
+  shards = _shards(w, pate_cfg, secret)
+  examples, per_user = bounded_examples(w, secret)
+  params = train_teachers(
+      w, examples, [per_user[users] for users in shards.shards],
+      seeds=teacher_seeds(cfg.train.seed, pate_cfg.num_teachers),
+      sampling_seeds=[secret.integer(f"pate/teacher/{t}")
+                      for t in range(pate_cfg.num_teachers)],
+      steps=cfg.train.steps, batch_size=cfg.train.batch_size, log_every=log_every)
+  ensemble = Ensemble(w, pate_cfg, shards, params)
+  if workdir is not None:
     (workdir / "config.json").write_text(config_lib.to_json(cfg))
     (workdir / PATE_FILE).write_text(json.dumps({
         "kind": "pate-ensemble",
@@ -688,6 +714,20 @@ def train_ensemble(cfg: config_lib.Config, pate_cfg: PateConfig,
   return ensemble
 
 
+def _shards(w: workload_lib.Workload, pate_cfg: PateConfig,
+            secret: secret_lib.RunSecret) -> UserShards:
+  return shard_users(secret.unit_keys("pate/shards", w.ds.raw_user_ids),
+                     pate_cfg.num_teachers, public_fraction=pate_cfg.public_fraction)
+
+
+def bounded_examples(w: workload_lib.Workload, secret: secret_lib.RunSecret):
+  """Training examples and each user's bounded rows ``[num_users, K]``."""
+  examples, user_of_row = w.task.train_examples(w.cfg, w.split, w.ds, w.model)
+  return examples, bounding.group_rows(
+      user_of_row, unit_keys=secret.unit_keys("bounding", w.ds.raw_user_ids),
+      max_rows_per_unit=w.cfg.data.max_examples_per_user)
+
+
 def is_ensemble_dir(workdir: str | pathlib.Path) -> bool:
   return (pathlib.Path(workdir) / PATE_FILE).exists()
 
@@ -702,9 +742,10 @@ def load_ensemble(workdir: str | pathlib.Path) -> Ensemble:
       json.loads((workdir / "config.json").read_text())))
   meta = json.loads((workdir / PATE_FILE).read_text())
   pate_cfg = PateConfig(**meta["pate"])
-  w = trainer.build_workload(cfg)
-  shards = shard_users(w.ds.num_users, pate_cfg.num_teachers, seed=pate_cfg.seed,
-                       num_public=pate_cfg.num_public_users)
+  secret = secret_lib.for_run(workdir, resuming=True,
+                              reproducible_seed=cfg.privacy.reproducible_noise_seed)
+  w = workload_lib.build_workload(cfg)
+  shards = _shards(w, pate_cfg, secret)
   like = stack([w.params] * pate_cfg.num_teachers)
   ckpt = checkpoint.Checkpointer(workdir)
   params, _ = ckpt.restore(ckpt.latest_step(), like)
@@ -725,7 +766,7 @@ class Queries:
   users: np.ndarray
 
 
-def public_queries(w: trainer.Workload, users: np.ndarray, *, num_queries: int,
+def public_queries(w: workload_lib.Workload, users: np.ndarray, *, num_queries: int,
                    seed: int) -> Queries:
   """Up to ``num_queries`` prefixes of the public users' training sequences.
 
@@ -759,7 +800,7 @@ def label_queries(ensemble: Ensemble, session: noisy_argmax.QuerySession,
   return answer(session, counts, sensitivity, queries.seen, spec)[:, 0]
 
 
-def train_student(w: trainer.Workload, queries: Queries, labels: np.ndarray, *,
+def train_student(w: workload_lib.Workload, queries: Queries, labels: np.ndarray, *,
                   seed: int, steps: int, batch_size: int) -> Any:
   """A fresh model trained non-privately on (public query, noisy label) pairs.
 

@@ -19,6 +19,7 @@ try:
 except ImportError:
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from privjax.dp import accounting
+from privjax.dp import calibration
 
 
 def _parse(argv: list[str] | None
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         print("not private: noise_multiplier=0 gives no (epsilon, delta) "
               "guarantee", file=sys.stderr)
     else:
-      sigma = accounting.calibrate_noise_multiplier(
+      sigma = calibration.calibrate_noise_multiplier(
           target_epsilon=args.target_epsilon, **common)
       print(f"noise_multiplier={sigma!r}")
   except ValueError as e:

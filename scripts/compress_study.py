@@ -35,7 +35,8 @@ import numpy as np
 from privjax import config as config_lib
 from privjax import export
 from privjax.run import metrics as metrics_lib
-from privjax import trainer
+from privjax.run import train as train_lib
+from privjax.run import workload as workload_lib
 from privjax.data import sequences
 
 logging.getLogger("absl").setLevel(logging.ERROR)
@@ -57,7 +58,7 @@ def ensure_run(name: str, run: str | None, cfg: config_lib.Config,
   workdir = runs_dir / name
   if not (workdir / "privacy.json").exists():
     print(f"[{name}] training {cfg.name} in {workdir} ...", flush=True)
-    trainer.train_and_evaluate(cfg, workdir, show_progress=True)
+    train_lib.train_and_evaluate(cfg, workdir, show_progress=True)
   return workdir
 
 
@@ -114,7 +115,7 @@ def _test_ranks(export_dir: pathlib.Path, data_path: str):
   """Per-user 0-based target ranks and top-10 lists (full ranking, test)."""
   model, meta = export.load(export_dir)
   cfg = config_lib.replace(meta["config"], **{"data.path": data_path})
-  ds = trainer.load_dataset(cfg.data)
+  ds = workload_lib.load_dataset(cfg.data)
   es = sequences.eval_set(sequences.leave_last_out(ds), "test", cfg.data.max_len)
   inputs = export.eval_inputs(meta, es)
   graphdef, state = nnx.split(model)

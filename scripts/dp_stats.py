@@ -45,6 +45,7 @@ except ImportError:
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import numpy as np
 
+from privjax.answers import budget as budget_lib
 from privjax.answers import aggregates
 from privjax.data import movielens
 from privjax.data import sequences
@@ -141,8 +142,8 @@ def release(ds, *, epsilon: float, delta: float | None, queries, max_items: int,
             max_ratings: int, mechanism: str | None, seed: int | None,
             half: bool, top: int = 10) -> dict:
   """Answers ``queries`` on ``ds`` under one budget; returns JSON-ready results."""
-  budget = aggregates.PrivacyBudget(epsilon=epsilon, delta=delta or 0.0)
-  session = aggregates.Session(budget)
+  budget = budget_lib.PrivacyBudget(epsilon=epsilon, delta=delta or 0.0)
+  session = budget_lib.Session(budget)
   share_eps = epsilon / len(queries)
   share_delta = None if not delta else delta / len(queries)
   results = []
@@ -152,7 +153,8 @@ def release(ds, *, epsilon: float, delta: float | None, queries, max_items: int,
       counts = session.run_query(
           aggregates.dp_item_popularity, name="item_popularity", user=ds.user,
           item=ds.item, num_items=ds.num_items, max_items_per_user=max_items,
-          epsilon=share_eps, delta=share_delta, mechanism=mechanism, rng=rng)
+          epsilon=share_eps, delta=share_delta, mechanism=mechanism, rng=rng,
+          seed=seed)
       best = aggregates.recommend_popular(counts, top)
       result = {"query": "item_popularity", "max_items_per_user": max_items,
                 "counts": counts.tolist(),
@@ -164,7 +166,7 @@ def release(ds, *, epsilon: float, delta: float | None, queries, max_items: int,
           aggregates.histogram, name="rating_histogram", user=ds.user, bins=bins,
           num_bins=len(labels), max_contributions_per_user=max_ratings,
           count_rows=True, epsilon=share_eps, delta=share_delta,
-          mechanism=mechanism, rng=rng)
+          mechanism=mechanism, rng=rng, seed=seed)
       clipped = np.maximum(counts, 0.0)  # post-processing
       total = clipped.sum()
       result = {"query": "rating_histogram", "max_ratings_per_user": max_ratings,
@@ -342,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
                     mechanism=args.mechanism, seed=args.seed,
                     half=half_stars(args.data), top=args.top)
       print(format_release(out))
-  except (ValueError, aggregates.BudgetExceededError) as e:
+  except (ValueError, budget_lib.BudgetExceededError) as e:
     parser.error(str(e))
   if args.out is not None:
     path = pathlib.Path(args.out)

@@ -26,7 +26,7 @@ except ImportError:  # running from a source checkout without `pip install -e .`
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from privjax import export
-from privjax import trainer
+from privjax.run import evaluate as evaluate_lib
 
 logging.getLogger("absl").setLevel(logging.ERROR)
 
@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
     else:
       if args.data_path is not None:
         parser.error("--data-path applies to export directories only")
-      result = trainer.evaluate_workdir(args.workdir)
+      result = evaluate_lib.evaluate_workdir(args.workdir)
   except (FileNotFoundError, export.CorruptExportError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

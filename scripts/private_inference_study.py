@@ -10,7 +10,7 @@ last item, answers ranked among the items that user has not seen):
 1. Trains the PATE teachers (``privjax.pate.train_ensemble``: m teachers on
    disjoint user shards, vmapped, non-private) into ``WORKDIR/ensemble``.
 2. Trains the same model once without privacy and once with user-level DP-SGD
-   per epsilon (``privjax.trainer.train_and_evaluate``) into
+   per epsilon (``privjax.train_lib.train_and_evaluate``) into
    ``WORKDIR/nonprivate`` and ``WORKDIR/dpsgd_eps{E}``.
 3. Answers every test query with the ensemble's noisy top-k of the teacher
    vote histogram, for each mechanism, total epsilon E and session length Q:
@@ -48,8 +48,10 @@ import numpy as np
 from privjax import config as config_lib
 from privjax.answers import noisy_argmax
 from privjax import pate
-from privjax.dp import sampling
-from privjax import trainer
+from privjax.dp import secret as secret_lib
+from privjax.run import evaluate as evaluate_lib
+from privjax.run import train as train_lib
+from privjax.run import workload as workload_lib
 from privjax.data import sequences
 
 logging.getLogger("absl").setLevel(logging.ERROR)
@@ -146,8 +148,8 @@ def _sessions(counts, sensitivity, excluded, spec, *, budget, delta, num_queries
 
 
 def _single_model(cfg, workdir, inputs, seen, targets, k):
-  result = trainer.train_and_evaluate(cfg, workdir, show_progress=False)
-  w, params, _ = trainer.load_trained(workdir)
+  result = train_lib.train_and_evaluate(cfg, workdir, show_progress=False)
+  w, params, _ = workload_lib.load_trained(workdir)
   top = pate.top_unseen(w, params, inputs, seen, k, stacked=False)
   return {**pate.hits(top, targets), "epsilon": result["epsilon"],
           "trainer_test": result["test"], "steps": result["steps"],
@@ -212,7 +214,7 @@ def main(argv: list[str]) -> int:
                                            seen, targets, k)
     print(f"   DP-SGD eps={eps:g}: {rows[f'dpsgd/{eps:g}']}")
   timings["single_models"] = time.time() - t
-  rows["popularity"] = trainer.popularity_metrics(cfg, w.split, w.ds, "test")
+  rows["popularity"] = evaluate_lib.popularity_metrics(cfg, w.split, w.ds, "test")
 
   # 3. Ensemble answers.
   t = time.time()
@@ -274,10 +276,8 @@ def main(argv: list[str]) -> int:
                          (labels == _noiseless_top_k(counts, label_queries.seen, 1)[:, 0]).mean())}
   # The same model trained on the public users' own next items: what the
   # public data gives without any private user (cost 0).
-  examples, user_of_row = w.task.train_examples(w.cfg, w.split, w.ds, w.model)
-  per_user = sampling.group_rows(user_of_row, num_units=w.ds.num_users,
-                                 max_rows_per_unit=cfg.data.max_examples_per_user,
-                                 seed=cfg.data.seed)
+  # The public users' data is public: a public bounding key will do.
+  examples, per_user = pate.bounded_examples(w, secret_lib.RunSecret.from_seed(cfg.train.seed))
   public_model = pate.unstack(pate.train_teachers(
       w, examples, [per_user[ensemble.shards.public]], seeds=[cfg.train.seed],
       steps=args.student_steps,

@@ -55,7 +55,7 @@ import numpy as np
 
 from privjax.answers import noisy_argmax
 from privjax import pate
-from privjax import trainer
+from privjax.run import workload as workload_lib
 from privjax.data import sequences
 
 logging.getLogger("absl").setLevel(logging.ERROR)
@@ -216,7 +216,7 @@ def _print_answer(number: int, label: str, history: np.ndarray, items, titles):
 
 
 def _serve_model(args, workdir: pathlib.Path) -> int:
-  w, params, step = trainer.load_trained(workdir)
+  w, params, step = workload_lib.load_trained(workdir)
   privacy_file = workdir / "privacy.json"
   privacy = json.loads(privacy_file.read_text()) if privacy_file.exists() else {}
   queries = _queries(args, w)

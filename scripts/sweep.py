@@ -35,7 +35,9 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 import numpy as np
 
 from privjax import config as config_lib
-from privjax import trainer
+from privjax.run import evaluate as evaluate_lib
+from privjax.run import train as train_lib
+from privjax.run import workload as workload_lib
 
 logging.getLogger("absl").setLevel(logging.ERROR)
 
@@ -57,7 +59,10 @@ def run_model(name: str, eps: float, seed: int, args) -> dict:
   if done.exists():
     return json.loads(done.read_text())
   cfg = config_lib.load_file(CONFIGS[name])
+  # Reproducible noise (seeded by the study's seed): the table can be
+  # regenerated; each cell is distributed as the same run with secret noise.
   over = {"data.path": args.data, "data.seed": seed, "train.seed": seed,
+          "privacy.reproducible_noise_seed": seed,
           "privacy.delta": args.delta, "train.eval_every": 0,
           "name": f"{name}-eps{_eps_label(eps)}-seed{seed}"}
   if math.isinf(eps):
@@ -69,7 +74,7 @@ def run_model(name: str, eps: float, seed: int, args) -> dict:
     cfg = config_lib.override(cfg, key.removeprefix("--config."), value)
   cfg = config_lib.replace(cfg, **over)
   t0 = time.time()
-  r = trainer.train_and_evaluate(cfg, workdir, show_progress=False)
+  r = train_lib.train_and_evaluate(cfg, workdir, show_progress=False)
   result = {"model": name, "epsilon": eps if math.isfinite(eps) else "inf",
             "seed": seed, "hr": r["test"]["hr@10"], "ndcg": r["test"]["ndcg@10"],
             "valid_hr": r["valid"]["hr@10"], "sigma": r["noise_multiplier"],
@@ -86,12 +91,12 @@ def run_popularity(eps: float, seed: int, args, cache: dict) -> dict:
   if "workload" not in cache:
     cfg = config_lib.load_file(CONFIGS["sasrec"])
     cfg = config_lib.replace(cfg, **{"data.path": args.data})
-    w = trainer.build_workload(config_lib.replace(cfg, **{"model.name": "mlp",
+    w = workload_lib.build_workload(config_lib.replace(cfg, **{"model.name": "mlp",
                                                           "model.embed_dim": 4,
                                                           "model.hidden_dim": 4}))
     cache["workload"] = (cfg, w.split, w.ds)
   cfg, split, ds = cache["workload"]
-  m = trainer.dp_popularity_metrics(
+  m = evaluate_lib.dp_popularity_metrics(
       cfg, split, ds, epsilon=eps, delta=args.delta, seed=seed,
       max_items_per_user=args.popularity_cap)
   return {"model": "popularity", "epsilon": eps if math.isfinite(eps) else "inf",

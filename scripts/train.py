@@ -19,7 +19,8 @@ except ImportError:  # running from a source checkout without `pip install -e .`
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from privjax import config as config_lib
-from privjax import trainer
+from privjax.run import report
+from privjax.run import train as train_lib
 
 logging.getLogger("absl").setLevel(logging.ERROR)  # dp_accounting convergence chatter
 
@@ -56,17 +57,12 @@ def main(argv: list[str]) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   t0 = time.time()
-  rows = trainer.run_with_baselines(cfg, workdir, show_progress=progress)
+  rows = train_lib.run_with_baselines(cfg, workdir, show_progress=progress)
   main_run = rows["dp"]
   print()
-  print(trainer.summary_table(cfg, rows))
+  print(report.summary_table(cfg, rows))
   print()
-  if main_run["private"]:
-    print(f"privacy: epsilon={main_run['epsilon']:.3f} delta={main_run['delta']:.2e} "
-          f"unit={main_run['unit']} sigma={main_run['noise_multiplier']:.4f} "
-          f"steps={main_run['steps']} (see {workdir / 'privacy.json'})")
-  else:
-    print("privacy: none (privacy.enabled=False)")
+  print(report.privacy_line(main_run["plan"], main_run, workdir))
   print(f"stopped: {main_run['stop_reason']}; wall time {time.time() - t0:.1f} s; "
         f"run directory {workdir}")
   return 0

@@ -12,6 +12,7 @@ import dp_accounting
 import pytest
 
 from privjax.dp import accounting
+from privjax.dp import calibration
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "account.py"
@@ -125,14 +126,14 @@ def test_epsilon_strictly_monotone(acc):
     ("pld", 1.0, 1, 1.0),
 ])
 def test_calibration_round_trip(acc, q, steps, target):
-  sigma = accounting.calibrate_noise_multiplier(
+  sigma = calibration.calibrate_noise_multiplier(
       target_epsilon=target, sampling_prob=q, steps=steps, delta=DELTA,
       accountant=acc)
   eps = accounting.dpsgd_epsilon(sampling_prob=q, noise_multiplier=sigma,
                                  steps=steps, delta=DELTA, accountant=acc)
   assert 0.99 * target <= eps <= target
   if acc == "pld":  # Tighter accounting, a little less noise than RDP needs.
-    sigma_rdp = accounting.calibrate_noise_multiplier(
+    sigma_rdp = calibration.calibrate_noise_multiplier(
         target_epsilon=target, sampling_prob=q, steps=steps, delta=DELTA)
     assert 0.8 * sigma_rdp < sigma < sigma_rdp
 
@@ -147,7 +148,7 @@ def test_calibration_round_trip(acc, q, steps, target):
 def test_dp_accounting_calibration_goldens(q, steps, expected_sigma):
   # Theirs use a coarser discretisation (1e-3) and a binary search, so agree
   # to ~0.1%, not to the last digit.
-  sigma = accounting.calibrate_noise_multiplier(
+  sigma = calibration.calibrate_noise_multiplier(
       target_epsilon=1.0, sampling_prob=q, steps=steps, delta=1e-5,
       accountant="pld")
   assert sigma == pytest.approx(expected_sigma, rel=2e-3)
@@ -155,12 +156,12 @@ def test_dp_accounting_calibration_goldens(q, steps, expected_sigma):
 
 def test_calibration_special_targets():
   kw = dict(sampling_prob=Q, steps=STEPS, delta=DELTA)
-  assert accounting.calibrate_noise_multiplier(target_epsilon=math.inf, **kw) == 0.0
+  assert calibration.calibrate_noise_multiplier(target_epsilon=math.inf, **kw) == 0.0
   for bad in (0.0, -1.0, math.nan):
     with pytest.raises(ValueError, match="target_epsilon"):
-      accounting.calibrate_noise_multiplier(target_epsilon=bad, **kw)
+      calibration.calibrate_noise_multiplier(target_epsilon=bad, **kw)
   with pytest.raises(ValueError, match="steps"):
-    accounting.calibrate_noise_multiplier(target_epsilon=1.0, sampling_prob=Q,
+    calibration.calibrate_noise_multiplier(target_epsilon=1.0, sampling_prob=Q,
                                           steps=0, delta=DELTA)
 
 
@@ -175,7 +176,7 @@ def test_calibration_special_targets():
     ("pld", 0.01, 2.0, 1.0),
 ])
 def test_max_steps_is_the_largest_within_budget(acc, q, sigma, budget):
-  t = accounting.max_steps(sampling_prob=q, noise_multiplier=sigma, delta=DELTA,
+  t = calibration.max_steps(sampling_prob=q, noise_multiplier=sigma, delta=DELTA,
                            epsilon_budget=budget, accountant=acc)
 
   def eps(steps):
@@ -187,17 +188,17 @@ def test_max_steps_is_the_largest_within_budget(acc, q, sigma, budget):
 
 def test_max_steps_edges():
   kw = dict(sampling_prob=Q, delta=DELTA)
-  assert accounting.max_steps(noise_multiplier=0.0, epsilon_budget=100.0, **kw) == 0
-  assert accounting.max_steps(noise_multiplier=SIGMA, epsilon_budget=0.0, **kw) == 0
+  assert calibration.max_steps(noise_multiplier=0.0, epsilon_budget=100.0, **kw) == 0
+  assert calibration.max_steps(noise_multiplier=SIGMA, epsilon_budget=0.0, **kw) == 0
   # Huge noise: the cap is reached and reported as such.
-  assert accounting.max_steps(noise_multiplier=50.0, epsilon_budget=10.0,
+  assert calibration.max_steps(noise_multiplier=50.0, epsilon_budget=10.0,
                               step_limit=1000, **kw) == 1000
   # The golden run fits a 2.597 budget, with a few steps to spare.
-  assert STEPS <= accounting.max_steps(noise_multiplier=SIGMA,
+  assert STEPS <= calibration.max_steps(noise_multiplier=SIGMA,
                                        epsilon_budget=2.597, **kw) < STEPS + 10
   for bad in (math.inf, -1.0, math.nan):
     with pytest.raises(ValueError, match="epsilon_budget"):
-      accounting.max_steps(noise_multiplier=SIGMA, epsilon_budget=bad, **kw)
+      calibration.max_steps(noise_multiplier=SIGMA, epsilon_budget=bad, **kw)
 
 
 # --- Truncated Poisson sampling ------------------------------------------------
@@ -213,9 +214,9 @@ def test_truncation_refused_by_rdp_everywhere():
       lambda: accounting.epsilon(
           accounting.dpsgd_event(sampling_prob=TQ, noise_multiplier=TSIGMA,
                                  steps=TSTEPS, **trunc), delta=DELTA),
-      lambda: accounting.calibrate_noise_multiplier(
+      lambda: calibration.calibrate_noise_multiplier(
           target_epsilon=1.0, sampling_prob=TQ, steps=TSTEPS, delta=DELTA, **trunc),
-      lambda: accounting.max_steps(sampling_prob=TQ, noise_multiplier=TSIGMA,
+      lambda: calibration.max_steps(sampling_prob=TQ, noise_multiplier=TSIGMA,
                                    delta=DELTA, epsilon_budget=1.0, **trunc),
       lambda: accounting.privacy_statement(
           unit="example", sampling_prob=TQ, noise_multiplier=TSIGMA,
@@ -381,7 +382,7 @@ def test_script_prints_epsilon_and_noise_multiplier():
   (line,) = out.stdout.splitlines()
   assert line.startswith("noise_multiplier=")
   assert float(line.removeprefix("noise_multiplier=")) == (
-      accounting.calibrate_noise_multiplier(target_epsilon=3.0, sampling_prob=Q,
+      calibration.calibrate_noise_multiplier(target_epsilon=3.0, sampling_prob=Q,
                                             steps=STEPS, delta=DELTA))
 
 

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from privjax.answers import budget as budget_lib
+from privjax.answers import mechanisms
 from privjax.answers import aggregates
 
 # =============================================================================
@@ -39,7 +41,7 @@ def test_float_laplace_ks_accepts_right_scale_rejects_wrong():
 def test_float_gaussian_ks_accepts_right_sigma_rejects_wrong():
   noise, event = _noise_from_empty_histogram("gaussian", m=3, epsilon=1.0,
                                              delta=1e-5, seed=2)
-  sigma = aggregates.gaussian_sigma(sensitivity=math.sqrt(3), epsilon=1.0,
+  sigma = mechanisms.gaussian_sigma(sensitivity=math.sqrt(3), epsilon=1.0,
                                     delta=1e-5)
   assert event.noise_multiplier == pytest.approx(sigma / math.sqrt(3), rel=1e-12)
   assert stats.kstest(noise, "norm", args=(0, sigma)).pvalue > 0.01
@@ -77,7 +79,7 @@ def test_bernoulli_exp_matches_exp_minus_gamma():
   rng = random.Random(3)
   n = 20_000
   for num, den in ((1, 2), (7, 3), (0, 1)):
-    hits = sum(aggregates._bernoulli_exp(num, den, rng) for _ in range(n))
+    hits = sum(mechanisms._bernoulli_exp(num, den, rng) for _ in range(n))
     p = math.exp(-num / den)
     if p == 1:
       assert hits == n
@@ -89,7 +91,7 @@ def test_bernoulli_exp_matches_exp_minus_gamma():
 
 def test_discrete_laplace_chi_square_against_pmf():
   scale = fractions.Fraction(3, 2)
-  samples = aggregates.sample_n(aggregates.sample_discrete_laplace, scale,
+  samples = mechanisms.sample_n(mechanisms.sample_discrete_laplace, scale,
                                 20_000, random.Random(4))
   assert samples.dtype == np.int64
   assert _chi_square_pvalue(samples, _discrete_laplace_pmf(1.5), cut=8) > 0.001
@@ -99,7 +101,7 @@ def test_discrete_laplace_chi_square_against_pmf():
 
 def test_discrete_laplace_with_non_integer_denominator_scale():
   # scale = 7/3: exercises the floor(X / s) step with s > 1.
-  samples = aggregates.sample_n(aggregates.sample_discrete_laplace,
+  samples = mechanisms.sample_n(mechanisms.sample_discrete_laplace,
                                 fractions.Fraction(7, 3), 20_000, random.Random(5))
   assert _chi_square_pvalue(samples, _discrete_laplace_pmf(7 / 3), cut=10) > 0.001
   assert _chi_square_pvalue(samples, _discrete_laplace_pmf(7 / 3 * 1.5),
@@ -108,7 +110,7 @@ def test_discrete_laplace_with_non_integer_denominator_scale():
 
 def test_discrete_gaussian_chi_square_against_pmf():
   sigma2 = fractions.Fraction(11, 2)
-  samples = aggregates.sample_n(aggregates.sample_discrete_gaussian, sigma2,
+  samples = mechanisms.sample_n(mechanisms.sample_discrete_gaussian, sigma2,
                                 20_000, random.Random(6))
   assert _chi_square_pvalue(samples, _discrete_gaussian_pmf(5.5), cut=8) > 0.001
   for wrong in (5.5 * 2 / 3, 5.5 * 3 / 2):
@@ -116,13 +118,13 @@ def test_discrete_gaussian_chi_square_against_pmf():
 
 
 def test_discrete_samplers_default_to_a_secure_source_and_return_ints():
-  assert isinstance(aggregates._noise_rng("discrete_gaussian", None),
+  assert isinstance(mechanisms.noise_rng("discrete_gaussian", None),
                     random.SystemRandom)
-  assert isinstance(aggregates.sample_discrete_gaussian(fractions.Fraction(2)), int)
+  assert isinstance(mechanisms.sample_discrete_gaussian(fractions.Fraction(2)), int)
   with pytest.raises(TypeError, match="random.Random"):
-    aggregates._noise_rng("discrete_laplace", np.random.default_rng(0))
+    mechanisms.noise_rng("discrete_laplace", np.random.default_rng(0))
   with pytest.raises(ValueError, match="scale"):
-    aggregates.sample_discrete_laplace(0)
+    mechanisms.sample_discrete_laplace(0)
 
 
 # =============================================================================
@@ -134,14 +136,14 @@ def test_discrete_samplers_default_to_a_secure_source_and_return_ints():
                                            (4.0, 1e-6), (10.0, 1e-9)])
 def test_analytic_gaussian_matches_dp_accounting(epsilon, delta):
   sensitivity = 2.0
-  sigma = aggregates.gaussian_sigma(sensitivity=sensitivity, epsilon=epsilon,
+  sigma = mechanisms.gaussian_sigma(sensitivity=sensitivity, epsilon=epsilon,
                                     delta=delta)
   reference = dp_accounting.get_sigma_gaussian(epsilon, delta) * sensitivity
   assert sigma == pytest.approx(reference, rel=1e-6)
   # Private at the returned sigma, and (to 1e-9) not at anything smaller.
-  assert aggregates.gaussian_delta(sigma=sigma, sensitivity=sensitivity,
+  assert mechanisms.gaussian_delta(sigma=sigma, sensitivity=sensitivity,
                                    epsilon=epsilon) <= delta
-  assert aggregates.gaussian_delta(sigma=sigma * (1 - 1e-9),
+  assert mechanisms.gaussian_delta(sigma=sigma * (1 - 1e-9),
                                    sensitivity=sensitivity, epsilon=epsilon) > delta
   # The exact delta agrees with dp_accounting's epsilon for this sigma.
   assert dp_accounting.get_epsilon_gaussian(sigma / sensitivity, delta) == \
@@ -150,28 +152,28 @@ def test_analytic_gaussian_matches_dp_accounting(epsilon, delta):
 
 @pytest.mark.parametrize("epsilon,delta", [(0.1, 1e-5), (0.5, 1e-6), (0.9, 1e-3)])
 def test_analytic_sigma_below_classic(epsilon, delta):
-  analytic = aggregates.gaussian_sigma(sensitivity=1.0, epsilon=epsilon,
+  analytic = mechanisms.gaussian_sigma(sensitivity=1.0, epsilon=epsilon,
                                        delta=delta)
-  classic = aggregates.gaussian_sigma(sensitivity=1.0, epsilon=epsilon,
+  classic = mechanisms.gaussian_sigma(sensitivity=1.0, epsilon=epsilon,
                                       delta=delta, calibration="classic")
   assert classic == pytest.approx(math.sqrt(2 * math.log(1.25 / delta)) / epsilon)
   assert analytic < classic
   # The classic sigma is private too (it is a valid, looser calibration).
-  assert aggregates.gaussian_delta(sigma=classic, sensitivity=1.0,
+  assert mechanisms.gaussian_delta(sigma=classic, sensitivity=1.0,
                                    epsilon=epsilon) <= delta
 
 
 def test_classic_gaussian_refuses_epsilon_at_least_one():
   with pytest.raises(ValueError, match="epsilon=1.5"):
-    aggregates.gaussian_sigma(sensitivity=1.0, epsilon=1.5, delta=1e-5,
+    mechanisms.gaussian_sigma(sensitivity=1.0, epsilon=1.5, delta=1e-5,
                               calibration="classic")
   with pytest.raises(ValueError, match="delta=0"):
-    aggregates.calibrate("gaussian", l1_sensitivity=1, l2_sensitivity=1,
+    mechanisms.calibrate("gaussian", l1_sensitivity=1, l2_sensitivity=1,
                          epsilon=1.0, delta=0.0)
 
 
 def test_discrete_gaussian_is_accounted_through_zcdp():
-  noise = aggregates.calibrate("discrete_gaussian", l1_sensitivity=4,
+  noise = mechanisms.calibrate("discrete_gaussian", l1_sensitivity=4,
                                l2_sensitivity=2.0, epsilon=1.0, delta=1e-6)
   assert isinstance(noise.event, dp_accounting.ZCDpEvent)
   assert noise.event.rho == pytest.approx(2.0**2 / (2 * float(noise.param)))
@@ -202,7 +204,7 @@ def test_events_carry_sensitivities_computed_from_bounds():
   _, event = aggregates.histogram(user, bins, num_bins=4,
                                   max_contributions_per_user=3, epsilon=0.5,
                                   delta=1e-5, mechanism="gaussian", rng=0)
-  sigma = aggregates.gaussian_sigma(sensitivity=math.sqrt(3), epsilon=0.5,
+  sigma = mechanisms.gaussian_sigma(sensitivity=math.sqrt(3), epsilon=0.5,
                                     delta=1e-5)
   assert event.noise_multiplier == pytest.approx(sigma / math.sqrt(3))  # L2 = sqrt(cap)
   _, event = aggregates.count(user, max_contributions_per_user=4, epsilon=1.0, rng=0)
@@ -255,11 +257,23 @@ def test_bounding_is_independent_of_row_order_across_users():
 # =============================================================================
 
 
+def test_bounding_key_is_secret_by_default():
+  # Without a seed, which bins a capped user keeps is unpredictable: two
+  # calls keep different subsets (a public default key would keep the same).
+  user, item, num_items = _random_interactions(9)
+  runs = {tuple(aggregates._bounded_histogram(user, item, num_items, 1, None))
+          for _ in range(4)}
+  assert len(runs) > 1
+  fixed = {tuple(aggregates._bounded_histogram(user, item, num_items, 1, 5))
+           for _ in range(4)}
+  assert len(fixed) == 1
+
+
 def test_popularity_and_recommendation_with_negligible_noise():
   user, item, num_items = _random_interactions(9)
   counts, event = aggregates.dp_item_popularity(
       user, item, num_items=num_items, max_items_per_user=3, epsilon=1e5,
-      mechanism="laplace", rng=0)
+      mechanism="laplace", rng=0, seed=0)
   exact = aggregates._bounded_histogram(user, item, num_items, 3, seed=0)
   np.testing.assert_allclose(counts, exact, atol=0.01)
   assert event == dp_accounting.LaplaceDpEvent(1e-5)
@@ -307,14 +321,14 @@ def test_bounded_mean_is_close_on_large_data(mechanism, delta):
 
 def test_query_past_the_budget_is_refused_and_earlier_answers_remain():
   user, item, num_items = _random_interactions(13)
-  budget = aggregates.PrivacyBudget(epsilon=1.0)
-  session = aggregates.Session(budget)
+  budget = budget_lib.PrivacyBudget(epsilon=1.0)
+  session = budget_lib.Session(budget)
   rng = random.Random(0)
   first = session.run_query(aggregates.histogram, name="h1", user=user,
                             bins=item, num_bins=num_items,
                             max_contributions_per_user=2, epsilon=0.6, rng=rng)
   state, spent, ledger = rng.getstate(), budget.spent_epsilon, budget.ledger
-  with pytest.raises(aggregates.BudgetExceededError, match="'h2'"):
+  with pytest.raises(budget_lib.BudgetExceededError, match="'h2'"):
     session.run_query(aggregates.histogram, name="h2", user=user, bins=item,
                       num_bins=num_items, max_contributions_per_user=2,
                       epsilon=0.6, rng=rng)
@@ -323,7 +337,7 @@ def test_query_past_the_budget_is_refused_and_earlier_answers_remain():
   assert budget.ledger == ledger
   assert [a.name for a in session.answers] == ["h1"]
   np.testing.assert_array_equal(session.answers[0].value, first)
-  assert isinstance(aggregates.BudgetExceededError("x"), RuntimeError)
+  assert isinstance(budget_lib.BudgetExceededError("x"), RuntimeError)
   # What is left can still be spent, exactly up to the limit.
   session.run_query(aggregates.count, name="c", user=user,
                     max_contributions_per_user=1, epsilon=0.4, rng=rng)
@@ -332,20 +346,20 @@ def test_query_past_the_budget_is_refused_and_earlier_answers_remain():
 
 
 def test_pure_budget_refuses_gaussian_noise():
-  budget = aggregates.PrivacyBudget(epsilon=10.0)
-  with pytest.raises(aggregates.BudgetExceededError):
+  budget = budget_lib.PrivacyBudget(epsilon=10.0)
+  with pytest.raises(budget_lib.BudgetExceededError):
     aggregates.count(np.arange(5), max_contributions_per_user=1, epsilon=0.1,
                      delta=1e-6, budget=budget)
   assert budget.queries == ()
 
 
 def test_pure_budget_composes_discrete_laplace_exactly():
-  budget = aggregates.PrivacyBudget(epsilon=1.0)
+  budget = budget_lib.PrivacyBudget(epsilon=1.0)
   for _ in range(4):
     aggregates.count(np.arange(5), max_contributions_per_user=1, epsilon=0.25,
                      budget=budget, rng=0)
   assert budget.spent_epsilon == 1.0
-  with pytest.raises(aggregates.BudgetExceededError):
+  with pytest.raises(budget_lib.BudgetExceededError):
     aggregates.count(np.arange(5), max_contributions_per_user=1, epsilon=1e-3,
                      budget=budget, rng=0)
 
@@ -353,7 +367,7 @@ def test_pure_budget_composes_discrete_laplace_exactly():
 def test_k_gaussian_queries_compose_like_dp_accounting():
   k, delta = 6, 1e-6
   user, item, num_items = _random_interactions(14)
-  budget = aggregates.PrivacyBudget(epsilon=5.0, delta=delta)
+  budget = budget_lib.PrivacyBudget(epsilon=5.0, delta=delta)
   for i in range(k):
     _, event = aggregates.histogram(user, item, num_bins=num_items,
                                     max_contributions_per_user=3, epsilon=0.5,
@@ -370,7 +384,7 @@ def test_k_gaussian_queries_compose_like_dp_accounting():
 
 def test_k_laplace_queries_compose_like_pld():
   k, delta = 5, 1e-5
-  budget = aggregates.PrivacyBudget(epsilon=3.0, delta=delta, accountant="pld")
+  budget = budget_lib.PrivacyBudget(epsilon=3.0, delta=delta, accountant="pld")
   for i in range(k):
     _, event = aggregates.count(np.arange(50), max_contributions_per_user=1,
                                 epsilon=0.5, mechanism="laplace", rng=i,
@@ -383,7 +397,7 @@ def test_k_laplace_queries_compose_like_pld():
 
 
 def test_pld_budget_cannot_account_discrete_gaussian_by_accountant():
-  budget = aggregates.PrivacyBudget(epsilon=1.0, delta=1e-5, accountant="pld")
+  budget = budget_lib.PrivacyBudget(epsilon=1.0, delta=1e-5, accountant="pld")
   aggregates.count(np.arange(5), max_contributions_per_user=1, epsilon=0.5,
                    delta=1e-6, budget=budget, rng=0)
   assert budget.accountant_epsilon == math.inf

@@ -50,10 +50,14 @@ def test_overrides_are_typed():
   cfg = _valid()
   cfg = config_lib.override(cfg, "train.steps", "12")
   cfg = config_lib.override(cfg, "privacy.enabled", "false")
-  cfg = config_lib.override(cfg, "privacy.delta", "none")
+  cfg = config_lib.override(cfg, "privacy.sampling_prob", "none")
   cfg = config_lib.override(cfg, "privacy.microbatch_size", "8")
+  cfg = config_lib.override(cfg, "privacy.reproducible_noise_seed", "3")
   assert cfg.train.steps == 12 and cfg.privacy.enabled is False
-  assert cfg.privacy.delta is None and cfg.privacy.microbatch_size == 8
+  assert cfg.privacy.sampling_prob is None and cfg.privacy.microbatch_size == 8
+  assert cfg.privacy.reproducible_noise_seed == 3
+  with pytest.raises(ValueError, match="privacy.delta='none' is not a valid float"):
+    config_lib.override(cfg, "privacy.delta", "none")   # delta is always given
 
 
 def test_exactly_one_of_sigma_and_target_epsilon():
@@ -71,7 +75,10 @@ def test_truncation_needs_pld():
   cfg = config_lib.replace(_valid(), **{"privacy.overflow": "truncate"})
   with pytest.raises(ValueError, match="privacy.overflow='truncate' needs"):
     config_lib.validate(cfg)
-  config_lib.validate(config_lib.replace(cfg, **{"privacy.accountant": "pld"}))
+  with pytest.raises(ValueError, match="needs privacy.neighbouring='replace_one'"):
+    config_lib.validate(config_lib.replace(cfg, **{"privacy.accountant": "pld"}))
+  config_lib.validate(config_lib.replace(cfg, **{"privacy.accountant": "pld",
+                                                 "privacy.neighbouring": "replace_one"}))
 
 
 def test_json_round_trip():

@@ -13,10 +13,13 @@ import jax
 import numpy as np
 import pytest
 
+from privjax.dp import secret as secret_lib
+
 from privjax import config as config_lib
 from privjax import export
 from privjax.compress import quantization
-from privjax import trainer
+from privjax.run import train as train_lib
+from privjax.run import workload as workload_lib
 from privjax.data import sequences
 
 FAMILIES = ("mlp", "sasrec")
@@ -32,7 +35,8 @@ def _cfg(family):
       model=config_lib.ModelConfig(name=family, embed_dim=8, hidden_dim=16,
                                    num_layers=1, num_heads=1),
       # A fixed sigma: no calibration, the run is as fast as it gets.
-      privacy=config_lib.PrivacyConfig(enabled=family == "mlp", noise_multiplier=1.0),
+      privacy=config_lib.PrivacyConfig(enabled=family == "mlp", noise_multiplier=1.0,
+                                       sampling_prob=0.15),
       train=config_lib.TrainConfig(steps=2, batch_size=16, learning_rate=1e-2,
                                    log_every=2, checkpoint_every=0),
       eval=config_lib.EvalConfig(batch_size=128))
@@ -44,8 +48,8 @@ def runs(tmp_path_factory):
   out = {}
   for family in FAMILIES:
     workdir = tmp_path_factory.mktemp(f"run-{family}")
-    result = trainer.train_and_evaluate(_cfg(family), workdir, show_progress=False)
-    w, params, _ = trainer.load_trained(workdir)
+    result = train_lib.train_and_evaluate(_cfg(family), workdir, show_progress=False)
+    w, params, _ = workload_lib.load_trained(workdir)
     es = sequences.eval_set(w.split, "test", w.cfg.data.max_len)
     out[family] = (workdir, w.model_with(params), {"history": es.history},
                    result["test"])
@@ -140,6 +144,16 @@ def test_privacy_json_is_carried_byte_for_byte(runs, exports, family, variant):
   assert manifest["privacy"]["private"] == statement["private"]
   assert manifest["privacy"]["epsilon"] == statement["epsilon"]
   assert "post-processing" in manifest["privacy"]["note"]
+
+
+def test_an_export_never_carries_the_run_secret(runs, exports):
+  run_dir = runs["mlp"][0]
+  key = secret_lib.RunSecret.load(run_dir).key.hex()
+  for (family, _), (path, _) in exports.items():
+    assert not (path / secret_lib.SECRET_DIR).exists()
+    for f in path.rglob("*"):
+      if f.is_file():
+        assert key not in f.read_bytes().decode("utf-8", errors="replace"), f
 
 
 def _header_bytes(path):

@@ -32,7 +32,7 @@ def test_noise_is_added_to_the_sum_not_replacing_it():
 
 
 def test_same_key_same_noise_and_fresh_noise_per_step_and_leaf():
-  streams = noise.KeyStreams(seed=7)
+  streams = noise.KeyStreams(jax.random.key(7))
   zeros = {"a": jnp.zeros(1000), "b": jnp.zeros(1000)}
   s1 = noise.add_gaussian_noise(zeros, stddev=1.0, key=streams.noise_key(1))
   s1_again = noise.add_gaussian_noise(zeros, stddev=1.0, key=streams.noise_key(1))
@@ -45,9 +45,9 @@ def test_same_key_same_noise_and_fresh_noise_per_step_and_leaf():
 
 
 def test_streams_are_distinct():
-  streams = noise.KeyStreams(seed=0)
-  keys = [streams.noise_key(0), streams.dropout_key(0), streams.params_key(),
-          noise.KeyStreams(seed=1).noise_key(0)]
+  streams = noise.KeyStreams(jax.random.key(0))
+  keys = [streams.noise_key(0), streams.dropout_key(0), noise.params_key(0),
+          noise.KeyStreams(jax.random.key(1)).noise_key(0)]
   data = {tuple(np.asarray(jax.random.key_data(k)).ravel().tolist()) for k in keys}
   assert len(data) == len(keys)
 

@@ -7,13 +7,15 @@ import dp_accounting
 import jax
 import numpy as np
 import pytest
+from scipy import stats
 
 from privjax import config as config_lib
 from privjax.answers import noisy_argmax
 from privjax import pate
-from privjax.dp import sampling
-from privjax import trainer
+from privjax.data import bounding
 from privjax.data import sequences
+from privjax.dp import secret as secret_lib
+from privjax.run import workload as workload_lib
 
 DELTA = 1e-5
 TRACES = []
@@ -37,12 +39,14 @@ def setup():
 
   Its loss counts its traces in ``TRACES``: every teacher training below uses
   the same step, so the count stays at one compile for the whole module."""
-  w = trainer.build_workload(_cfg())
-  w = trainer.Workload(**{**w.__dict__, "loss_fun": _counting(w.loss_fun, TRACES)})
-  shards = pate.shard_users(w.ds.num_users, 3, seed=0, num_public=12)
+  w = workload_lib.build_workload(_cfg())
+  w = workload_lib.Workload(**{**w.__dict__, "loss_fun": _counting(w.loss_fun, TRACES)})
+  secret = secret_lib.RunSecret.from_seed(0)
+  shards = pate.shard_users(secret.unit_keys("pate/shards", w.ds.raw_user_ids), 3,
+                            public_fraction=0.1)
   examples, user_of_row = w.task.train_examples(w.cfg, w.split, w.ds, w.model)
-  per_user = sampling.group_rows(user_of_row, num_units=w.ds.num_users,
-                                 max_rows_per_unit=4, seed=0)
+  per_user = bounding.group_rows(user_of_row, max_rows_per_unit=4,
+                                 unit_keys=secret.unit_keys("bounding", w.ds.raw_user_ids))
   return w, shards, examples, user_of_row, per_user
 
 
@@ -51,7 +55,7 @@ def ensemble(setup):
   w, shards, examples, _, per_user = setup
   params = pate.train_teachers(w, examples, [per_user[s] for s in shards.shards],
                                seeds=pate.teacher_seeds(0, 3), steps=4, batch_size=8)
-  return pate.Ensemble(w, pate.PateConfig(num_teachers=3, num_public_users=12), shards,
+  return pate.Ensemble(w, pate.PateConfig(num_teachers=3, public_fraction=0.1), shards,
                        params)
 
 
@@ -60,38 +64,72 @@ def ensemble(setup):
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("num_users,num_shards,num_public", [
-    (10, 3, 0), (943, 10, 100), (50, 50, 0), (7, 1, 6)])
-def test_shards_are_disjoint_by_user_and_cover_every_user(num_users, num_shards,
-                                                          num_public):
-  shards = pate.shard_users(num_users, num_shards, seed=3, num_public=num_public)
-  assert len(shards.shards) == num_shards and len(shards.public) == num_public
+def _keys(ids, seed=3):
+  return secret_lib.RunSecret.from_seed(seed).unit_keys("pate/shards", ids)
+
+
+@pytest.mark.parametrize("num_users,num_shards,fraction", [
+    (10, 3, 0.0), (943, 10, 0.1), (500, 50, 0.0), (7, 1, 0.5)])
+def test_shards_are_disjoint_by_user_and_cover_every_user(num_users, num_shards, fraction):
+  shards = pate.shard_users(_keys(range(num_users)), num_shards, public_fraction=fraction)
+  assert len(shards.shards) == num_shards
   everyone = np.concatenate(list(shards.shards) + [shards.public])
   # Each user exactly once: disjoint and covering.
   np.testing.assert_array_equal(np.sort(everyone), np.arange(num_users))
-  sizes = [len(s) for s in shards.shards]
-  assert max(sizes) - min(sizes) <= 1
   owner = shards.shard_of(num_users)
   for t, users in enumerate(shards.shards):
     assert (owner[users] == t).all()
   assert (owner[shards.public] == -1).all()
+  if num_users >= 500:  # about equal sizes, about the public fraction
+    sizes = np.array([len(x) for x in shards.shards])
+    expected = num_users * (1 - fraction) / num_shards
+    assert stats.chisquare(sizes, np.full(num_shards, sizes.mean())).pvalue > 1e-3
+    assert abs(sizes.mean() - expected) < 0.1 * expected
+    assert abs(len(shards.public) - fraction * num_users) < 4 * math.sqrt(num_users) + 1
 
 
-def test_shards_depend_on_the_seed_only():
-  a = pate.shard_users(100, 4, seed=1, num_public=10)
-  b = pate.shard_users(100, 4, seed=1, num_public=10)
-  c = pate.shard_users(100, 4, seed=2, num_public=10)
+def test_adding_one_user_changes_that_users_teacher_and_no_other():
+  # Raw ids in sorted order, as the loaders number users; the new id lands in
+  # the middle, so every later dense index shifts by one.
+  raw = [str(u) for u in range(1000, 1943)]
+  bigger = raw[:400] + ["1399x"] + raw[400:]
+  for m in (10, 50):
+    before = pate.shard_users(_keys(raw), m, public_fraction=0.1)
+    after = pate.shard_users(_keys(bigger), m, public_fraction=0.1)
+    members = lambda shards, ids: [{ids[u] for u in users} for users in shards.shards]
+    a, b = members(before, raw), members(after, bigger)
+    changed = [t for t in range(m) if a[t] != b[t]]
+    assert len(changed) <= 1 and all(b[t] - a[t] == {"1399x"} for t in changed)
+    assert {raw[u] for u in before.public} <= {bigger[u] for u in after.public}
+
+
+def test_a_permutation_of_dense_indices_would_fail_that_check():
+  # What the landed code did: permute range(num_users). One more user moves
+  # almost every teacher, so the check above is not vacuous.
+  def shards(n, m):
+    order = np.random.default_rng(0).permutation(n)
+    return [set(part.tolist()) for part in np.array_split(order, m)]
+  a, b = shards(943, 10), shards(944, 10)
+  assert sum(x != y for x, y in zip(a, b)) >= 9
+
+
+def test_shards_depend_on_the_secret():
+  a = pate.shard_users(_keys(range(100), seed=1), 4)
+  b = pate.shard_users(_keys(range(100), seed=1), 4)
+  c = pate.shard_users(_keys(range(100), seed=2), 4)
   for x, y in zip(a.shards, b.shards):
     np.testing.assert_array_equal(x, y)
   assert any(not np.array_equal(x, y) for x, y in zip(a.shards, c.shards))
 
 
-@pytest.mark.parametrize("args,match", [
-    ((5, 6), "fewer users than num_shards"), ((0, 1), "num_users=0"),
-    ((5, 0), "num_shards=0")])
-def test_bad_shards_are_refused_naming_the_value(args, match):
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_shards=0), "num_shards=0"), (dict(public_fraction=1.0), "public_fraction=1.0"),
+    (dict(unit_keys=np.zeros(3, np.int64)), "uint64")])
+def test_bad_shards_are_refused_naming_the_value(kwargs, match):
+  args = dict(unit_keys=_keys(range(5)), num_shards=2)
+  args.update(kwargs)
   with pytest.raises(ValueError, match=match):
-    pate.shard_users(*args, seed=0)
+    pate.shard_users(**args)
 
 
 # ----------------------------------------------------------------------------
@@ -150,11 +188,12 @@ def test_one_users_data_changes_only_their_teacher(setup):
 @pytest.mark.slow  # a second workload and compile; recommend_test loads ensembles too
 def test_ensemble_round_trips_through_its_directory_and_warns(tmp_path):
   cfg = _cfg(**{"train.steps": 2})
-  trained = pate.train_ensemble(cfg, pate.PateConfig(num_teachers=2, num_public_users=5),
+  trained = pate.train_ensemble(cfg, pate.PateConfig(num_teachers=2, public_fraction=0.05),
                                 tmp_path)
   meta = json.loads((tmp_path / pate.PATE_FILE).read_text())
   assert "NOT differentially private" in meta["warning"]
-  assert meta["shard_sizes"] == [58, 57] and len(meta["public_users"]) == 5
+  assert sum(meta["shard_sizes"]) + len(meta["public_users"]) == 120
+  assert (tmp_path / "secret" / "run_secret.json").exists()
   loaded = pate.load_ensemble(tmp_path)
   assert pate.is_ensemble_dir(tmp_path) and not pate.is_ensemble_dir(tmp_path / "x")
   for x, y in zip(jax.tree.leaves(trained.params), jax.tree.leaves(loaded.params)):

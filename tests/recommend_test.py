@@ -9,7 +9,8 @@ import pytest
 
 from privjax import config as config_lib
 from privjax import pate
-from privjax import trainer
+from privjax.run import train as train_lib
+from privjax.run import workload as workload_lib
 from privjax.data import sequences
 
 _SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "recommend.py"
@@ -25,7 +26,7 @@ def _cfg(**overrides):
                                  max_len=4, max_examples_per_user=4),
       model=config_lib.ModelConfig(embed_dim=4, hidden_dim=8),
       # A given sigma and one step: no calibration, one compile of the DP step.
-      privacy=config_lib.PrivacyConfig(noise_multiplier=1.0),
+      privacy=config_lib.PrivacyConfig(noise_multiplier=1.0, sampling_prob=0.2),
       train=config_lib.TrainConfig(steps=1, batch_size=32, learning_rate=1e-2,
                                    log_every=1, checkpoint_every=0),
       eval=config_lib.EvalConfig(batch_size=64))
@@ -35,7 +36,7 @@ def _cfg(**overrides):
 @pytest.fixture(scope="module")
 def dp_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("dp")
-  trainer.train_and_evaluate(_cfg(), workdir, show_progress=False)
+  train_lib.train_and_evaluate(_cfg(), workdir, show_progress=False)
   return workdir
 
 
@@ -44,13 +45,13 @@ def ensemble_dir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("pate")
   cfg = _cfg(**{"privacy.enabled": False, "privacy.noise_multiplier": None,
                 "train.batch_size": 8, "train.steps": 3})
-  pate.train_ensemble(cfg, pate.PateConfig(num_teachers=3, num_public_users=10), workdir)
+  pate.train_ensemble(cfg, pate.PateConfig(num_teachers=3, public_fraction=0.07), workdir)
   return workdir
 
 
 @pytest.fixture(scope="module")
 def catalogue():
-  w = trainer.build_workload(_cfg())
+  w = workload_lib.build_workload(_cfg())
   return w.ds, sequences.leave_last_out(w.ds)
 
 
@@ -150,7 +151,7 @@ def test_pate_gnmax_session_file_uses_rdp_and_names_bad_lines(ensemble_dir, cata
 @pytest.mark.slow  # one more trainer run and compile
 def test_non_private_run_is_served_with_a_warning(tmp_path, capsys):
   cfg = _cfg(**{"privacy.enabled": False, "privacy.noise_multiplier": None})
-  trainer.train_and_evaluate(cfg, tmp_path, show_progress=False)
+  train_lib.train_and_evaluate(cfg, tmp_path, show_progress=False)
   rc, out, _ = _run(capsys, "--workdir", tmp_path, "--user", "1", "--k", 2)
   assert rc == 0 and len(_listed(out)) == 2
   assert "NON-PRIVATE" in out and "no guarantee" in out

@@ -40,7 +40,7 @@ def test_dp_step_moves_only_the_trainable_subset(scheme):
   step = dp_step.make_step(loss_fun, opt, dp_step.StepConfig(
       l2_clip_norm=1.0, noise_multiplier=2.0, expected_batch_size=4.0))
   state, _ = step(dp_step.init_state(params, opt), frozen, batch, jnp.ones((4, 1)),
-                  noise.KeyStreams(0).noise_key(0))
+                  noise.KeyStreams(jax.random.key(0)).noise_key(0))
   trained = {**_flat(frozen), **_flat(state.params)}
   trainable_paths = set(_flat(params))
   assert trainable_paths, scheme

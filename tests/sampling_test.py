@@ -1,4 +1,4 @@
-"""Tests for privjax.dp.sampling: the sample is Poisson, padded, masked, resumable."""
+"""Tests for privjax.dp.sampling: the sample is Poisson, padded, masked, stateless."""
 
 import math
 
@@ -184,30 +184,21 @@ def test_steps_are_independent_streams():
   assert abs(lag1) < 5 / math.sqrt(n * steps)
 
 
-def test_resume_from_state_equals_uninterrupted():
-  sampler = sampling.PoissonSampler(sampling_prob=0.2, seed=21,
-                                    bucket_sizes=(16, 32))
-  full = [b.indices for b in _take(sampler.iterate(num_units=100), 12)]
-  it = sampler.iterate(num_units=100)
-  head = [b.indices for b in _take(it, 5)]
-  state = it.state_dict()
-  assert state == {"seed": 21, "step": 5}
-  resumed = sampling.SamplingIterator.from_state_dict(sampler, 100, dict(state))
-  tail = [b.indices for b in _take(resumed, 7)]
-  for a, b in zip(full, head + tail):
-    np.testing.assert_array_equal(a, b)
-  assert resumed.state_dict() == {"seed": 21, "step": 12}
-  start5 = [b.indices for b in _take(sampler.iterate(100, start_step=5), 7)]
-  for a, b in zip(tail, start5):
-    np.testing.assert_array_equal(a, b)
-  wrong = sampling.PoissonSampler(sampling_prob=0.2, seed=22,
-                                  bucket_sizes=(16, 32))
-  with pytest.raises(ValueError, match="seed=21"):
-    sampling.SamplingIterator.from_state_dict(wrong, 100, state)
+def test_resume_at_any_step_draws_the_same_batches():
+  # The sampler has no state: step t's batch is a function of (seed, t).
+  sampler = sampling.PoissonSampler(sampling_prob=0.2, seed=21, bucket_sizes=(16, 32))
+  again = sampling.PoissonSampler(sampling_prob=0.2, seed=21, bucket_sizes=(16, 32))
+  for step in (0, 5, 11):
+    np.testing.assert_array_equal(sampler.sample(step, 100).indices,
+                                  again.sample(step, 100).indices)
 
 
-def _take(it, k):
-  return [next(it) for _ in range(k)]
+def test_seeds_use_all_128_bits():
+  a = sampling.PoissonSampler(sampling_prob=0.5, seed=7, bucket_sizes=(64,))
+  b = sampling.PoissonSampler(sampling_prob=0.5, seed=7 + 2**100, bucket_sizes=(64,))
+  assert not np.array_equal(a.sample(0, 100).indices, b.sample(0, 100).indices)
+  with pytest.raises(ValueError, match="seed="):
+    sampling.PoissonSampler(sampling_prob=0.5, seed=2**128, bucket_sizes=(64,))
 
 
 # ----------------------------------------------------------------------------
@@ -310,70 +301,6 @@ def test_overflow_refuse_raises():
 
 
 # ----------------------------------------------------------------------------
-# group_rows.
-# ----------------------------------------------------------------------------
-
-
-def test_group_rows_bounds_contributions():
-  rng = np.random.default_rng(0)
-  num_units, k = 50, 5
-  unit_of_row = rng.integers(0, num_units - 5, size=1000)  # last 5 have none
-  out = sampling.group_rows(unit_of_row, num_units=num_units,
-                            max_rows_per_unit=k, seed=1)
-  assert out.shape == (num_units, k) and out.dtype == np.int32
-  rows_per_unit = np.bincount(unit_of_row, minlength=num_units)
-  for u in range(num_units):
-    kept = out[u][out[u] >= 0]
-    assert np.all(out[u][len(kept):] == -1)  # real entries first
-    assert len(kept) == min(k, rows_per_unit[u])
-    assert np.all(unit_of_row[kept] == u)
-    assert len(np.unique(kept)) == len(kept)
-    assert np.all(np.diff(kept) > 0)  # row order
-  assert np.all(out[-5:] == -1)
-  empty = sampling.group_rows(np.array([]), num_units=3, max_rows_per_unit=2,
-                              seed=0)
-  np.testing.assert_array_equal(empty, np.full((3, 2), -1))
-  np.testing.assert_array_equal(
-      out, sampling.group_rows(unit_of_row, num_units=num_units,
-                               max_rows_per_unit=k, seed=1))
-  assert not np.array_equal(
-      out, sampling.group_rows(unit_of_row, num_units=num_units,
-                               max_rows_per_unit=k, seed=2))
-
-
-def test_group_rows_keeps_uniform_subset():
-  # One unit with 10 rows, K=3: each row is kept with probability 0.3.
-  unit_of_row = np.zeros(10, np.int64)
-  seeds = 3000
-  counts = np.zeros(10)
-  for seed in range(seeds):
-    out = sampling.group_rows(unit_of_row, num_units=1, max_rows_per_unit=3,
-                              seed=seed)
-    counts[out[0]] += 1
-  assert counts.sum() == 3 * seeds
-  expected = np.full(10, 0.3 * seeds)
-  assert stats.chisquare(counts, expected).pvalue > ALPHA
-  # The test rejects keeping the first rows more often.
-  skewed = expected * np.linspace(1.15, 0.85, 10)
-  assert stats.chisquare(counts, skewed * 3 * seeds / skewed.sum()).pvalue < ALPHA
-
-
-def test_group_rows_latest_by_order_key():
-  unit_of_row = np.array([0, 1, 0, 0, 1, 0, 2])
-  time = np.array([10, 5, 30, 20, 1, 40, 7])
-  out = sampling.group_rows(unit_of_row, num_units=4, max_rows_per_unit=2,
-                            seed=0, order_key=time)
-  # Unit 0: latest two are t=30 (row 2), t=40 (row 5), in ascending time.
-  np.testing.assert_array_equal(out, [[2, 5], [4, 1], [6, -1], [-1, -1]])
-  # Ties are broken at random, but only among the tied rows.
-  picks = {tuple(sampling.group_rows(np.zeros(4, int), num_units=1,
-                                     max_rows_per_unit=1, seed=s,
-                                     order_key=np.array([1, 2, 2, 0]))[0])
-           for s in range(40)}
-  assert picks == {(1,), (2,)}
-
-
-# ----------------------------------------------------------------------------
 # Invalid arguments name the value.
 # ----------------------------------------------------------------------------
 
@@ -410,9 +337,3 @@ def test_bad_call_args_are_named():
     sampling.bucket_sizes(num_units=5, sampling_prob=0.1, multiple_of=0)
   with pytest.raises(ValueError, match="tail_prob=0.7"):
     sampling.bucket_sizes(num_units=5, sampling_prob=0.1, tail_prob=0.7)
-  with pytest.raises(ValueError, match="max_rows_per_unit=0"):
-    sampling.group_rows(np.zeros(3, int), num_units=1, max_rows_per_unit=0,
-                        seed=0)
-  with pytest.raises(ValueError, match="num_units=2"):
-    sampling.group_rows(np.array([0, 2]), num_units=2, max_rows_per_unit=1,
-                        seed=0)

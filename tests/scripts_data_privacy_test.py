@@ -18,6 +18,7 @@ import pytest
 from scipy import stats
 
 from privjax.data import anonymize
+from privjax.answers import mechanisms
 from privjax.answers import aggregates
 from privjax.data import dataset
 from privjax.data import movielens
@@ -406,9 +407,9 @@ def test_row_histogram_gaussian_noise_uses_l2_sensitivity_m():
       np.zeros(0, np.int64), np.zeros(0, np.int64), num_bins=4000,
       max_contributions_per_user=m, count_rows=True, epsilon=epsilon,
       delta=delta, mechanism="gaussian", rng=0)
-  sigma = aggregates.gaussian_sigma(sensitivity=m, epsilon=epsilon, delta=delta)
+  sigma = mechanisms.gaussian_sigma(sensitivity=m, epsilon=epsilon, delta=delta)
   assert stats.kstest(noise / sigma, "norm").pvalue > 0.01
-  for wrong in (aggregates.gaussian_sigma(sensitivity=np.sqrt(m),
+  for wrong in (mechanisms.gaussian_sigma(sensitivity=np.sqrt(m),
                                           epsilon=epsilon, delta=delta),
                 sigma * 2 / 3, sigma * 3 / 2):
     assert stats.kstest(noise / wrong, "norm").pvalue < 1e-6

@@ -42,7 +42,7 @@ def test_private_step_is_sgd_on_noisy_clipped_sum_over_public_constant():
                            expected_batch_size=10.0)
   opt = optax.sgd(1.0)
   step = dp_step.make_step(_loss, opt, cfg)
-  key = noise.KeyStreams(0).noise_key(0)
+  key = noise.KeyStreams(jax.random.key(0)).noise_key(0)
   state, metrics = step(dp_step.init_state(jax.tree.map(jnp.copy, params), opt), frozen, batch, mask, key)
   # Reference, composed by hand from the primitives.
   per_ex = lambda p, ex, r: _loss(p, frozen, ex, r)
@@ -69,7 +69,7 @@ def test_update_noise_has_std_sigma_c_over_expected_batch():
   samples = []
   for s in range(20):
     state, _ = step(dp_step.init_state(jax.tree.map(jnp.copy, params), opt), frozen, batch, jnp.ones((g, 1)),
-                    noise.KeyStreams(0).noise_key(s))
+                    noise.KeyStreams(jax.random.key(0)).noise_key(s))
     samples.append(np.asarray(state.params["w"]).ravel())
   x = -np.concatenate(samples)
   std = 0.8 * 2.0 / 4.0
@@ -165,7 +165,7 @@ step = dp_step.make_step(loss, opt, dp_step.StepConfig(
 mesh = dp_step.make_mesh()
 state = jax.device_put(dp_step.init_state(jax.tree.map(jnp.copy, params), opt), dp_step.replicated(mesh))
 sh = dp_step.data_sharding(mesh)
-streams = noise.KeyStreams(3)
+streams = noise.KeyStreams(jax.random.key(3))
 for s in range(3):
   state, m = step(state, {}, jax.device_put(batch, sh), jax.device_put(mask, sh),
                   streams.noise_key(s))

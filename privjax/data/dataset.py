@@ -31,6 +31,8 @@ class RecDataset:
     users: optional demographics, a dict of equal-length columns indexed by the
       dense user index: ``age`` (int), ``gender`` (str), ``occupation`` (str),
       ``zip`` (str). ``None`` when the source has no user table.
+    catalogue: where the item set comes from, in words. The item set sizes the
+      model, so it must be public; privacy.json repeats this sentence.
   """
 
   name: str
@@ -46,6 +48,7 @@ class RecDataset:
   raw_user_ids: tuple[str, ...]
   raw_item_ids: tuple[str, ...]
   users: dict[str, np.ndarray] | None = None
+  catalogue: str = "the source's item catalogue (assumed public)"
 
   def __post_init__(self):
     n = len(self.user)

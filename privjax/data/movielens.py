@@ -640,4 +640,6 @@ def load(path) -> dataset.RecDataset:
       genre_names=catalogue.genre_names,
       raw_user_ids=tuple(map(str, user_ids.tolist())),
       raw_item_ids=tuple(map(str, catalogue.ids.tolist())),
-      users=None if users is None else _demographics(user_ids, users))
+      users=None if users is None else _demographics(user_ids, users),
+      catalogue=f"every movie of {item_file}: the public MovieLens catalogue, "
+                "rated or not")

@@ -147,4 +147,5 @@ def generate(*, num_users: int = 2000, num_items: int = 400,
       raw_user_ids=tuple(str(u + 1) for u in range(num_users)),
       raw_item_ids=tuple(str(i + 1) for i in range(num_items)),
       users=demographics,
+      catalogue="generated items (public: a function of the seed)",
   )

@@ -22,7 +22,9 @@ Feature mapping (TFDS ``movielens`` builder, configs ``100k-ratings``,
 
 Differences from the raw loader: the ``-ratings`` configs carry only rated
 movies, so ``num_items`` counts rated movies (all 1682 for 100k; about 3706 of
-3883 for 1m); TFDS renames ml-100k's ``unknown`` and ``Children's`` genres to
+3883 for 1m). The model's size then reveals which movies someone rated; the
+item set is treated as public, and ``RecDataset.catalogue`` (repeated in
+privacy.json) says so. Prefer the raw loader, whose catalogue is every movie; TFDS renames ml-100k's ``unknown`` and ``Children's`` genres to
 ``Unknown`` and ``Children``; titles and demographics are taken from the first
 rating of each movie and user.
 
@@ -173,4 +175,7 @@ def load(name: str, data_dir: str | None = None) -> dataset.RecDataset:
       genre_names=tuple(genre_feature.names[j] for j in keep),
       raw_user_ids=raw_user_ids,
       raw_item_ids=raw_item_ids,
-      users=users)
+      users=users,
+      catalogue=("the movies that appear in the TFDS ratings (the -ratings configs "
+                 "carry no catalogue): ASSUMED PUBLIC, since the model's item count "
+                 "reveals that each of these movies was rated by someone"))

@@ -362,3 +362,34 @@ def verify(loss_fun: clipping.LossFun, params: PyTree, batch: PyTree, mask,
     if not float(jnp.max(jnp.abs(x - y))) <= rtol * scale + 1e-7:
       bad.append(jax.tree_util.keystr(path))
   return bad
+
+
+def resolve_clipping(requested: str, loss_fun: clipping.LossFun, params: PyTree,
+                     probe_batch: PyTree, probe_mask) -> str:
+  """Resolves ``vmap | ghost | auto`` to the implementation a step uses.
+
+  Ghost needs a rule for every trainable leaf to be fast (leaves without one
+  fall back to exact per-unit gradients) and must agree with the exact vmap
+  path. Both are checked once on ``probe_batch``, which must be PUBLIC data
+  of the real shapes (``run.workload.probe_batch``: synthetic users): the
+  decision is then a property of the model code, not of anyone's data, and
+  may be written to privacy.json. ``"ghost"`` refuses a model that fails the
+  check; ``"auto"`` falls back to vmap and says why.
+  """
+  if requested == "vmap":
+    return "vmap"
+  first = jax.tree.map(lambda x: x[0, 0], probe_batch)
+  cov = coverage(loss_fun, params, first)
+  if requested == "auto" and not cov.complete:
+    print(f"privjax: clipping=auto -> vmap (no ghost rule for {list(cov.untapped)})")
+    return "vmap"
+  bad = verify(loss_fun, params, probe_batch, probe_mask)
+  if bad:
+    if requested == "ghost":
+      raise ValueError(
+          "config.privacy.clipping='ghost' is not exact for this model: ghost norms "
+          f"disagree with per-example gradients for {bad}. Some parameter is used "
+          "outside the privjax.models.nn layers; use clipping='vmap'.")
+    print(f"privjax: clipping=auto -> vmap (ghost disagrees on {bad})")
+    return "vmap"
+  return "ghost"

@@ -13,9 +13,11 @@ the same uniform -> erfinv transform: bit-identical output, tested) as one
 fused elementwise kernel, about 3x faster for a 22M-parameter model. Keys of
 other implementations, float64 and huge leaves take ``jax.random.normal``.
 
-Key discipline. One root key per run. ``KeyStreams`` derives independent
-named streams from it (``params``, ``dropout``, ``noise``, ...); the noise key
-for step ``t`` is ``fold_in(noise_stream, t)`` and is split once per leaf.
+Key discipline. One secret root key per run (from the run secret,
+``privjax.dp.secret``). ``KeyStreams`` derives independent named streams from
+it (``noise``, ``dropout``); the noise key for step ``t`` is
+``fold_in(noise_stream, t)`` and is split once per leaf. Initial parameters
+come from a public seed (``params_key``), never from the secret.
 Since a run never repeats a step index (resuming restores the step counter),
 no noise key is ever used twice, and noise keys are never shared with data
 or dropout randomness.
@@ -28,6 +30,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from privjax.dp import secret as secret_lib
 
 PyTree = Any
 
@@ -116,17 +120,21 @@ def _stream_id(name: str) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class KeyStreams:
-  """Named, independent key streams derived from one root seed.
+  """Named, independent key streams derived from one secret root key.
 
-  >>> streams = KeyStreams(seed=0)
+  ``root`` comes from the run secret (``RunSecret.jax_key("streams")``): the
+  noise and dropout keys of a run are then unknown to anyone without the
+  secret, however much of the configuration they hold.
+
+  >>> streams = KeyStreams(jax.random.key(0))
   >>> k1, k2 = streams.noise_key(1), streams.noise_key(2)
   >>> bool((jax.random.key_data(k1) != jax.random.key_data(k2)).any())
   True
   """
-  seed: int
+  root: jax.Array
 
   def stream(self, name: str) -> jax.Array:
-    return jax.random.fold_in(jax.random.key(self.seed), _stream_id(name))
+    return jax.random.fold_in(self.root, _stream_id(name))
 
   def noise_key(self, step: int | jax.Array) -> jax.Array:
     """The key for the DP noise of ``step``; used for that step only."""
@@ -135,5 +143,13 @@ class KeyStreams:
   def dropout_key(self, step: int | jax.Array) -> jax.Array:
     return jax.random.fold_in(self.stream("dropout"), step)
 
-  def params_key(self) -> jax.Array:
-    return self.stream("params")
+
+def params_key(seed: int) -> jax.Array:
+  """The key of the initial parameters: from a PUBLIC seed (all 64 bits used).
+
+  Initial parameters may be public; nothing else may come from this seed.
+
+  >>> bool((jax.random.key_data(params_key(0)) != jax.random.key_data(params_key(2**40))).any())
+  True
+  """
+  return jax.random.fold_in(secret_lib.key_from_int(seed), _stream_id("params"))

@@ -3,7 +3,7 @@
 A *unit* is whatever the privacy guarantee protects: an example for
 example-level DP, a user for user-level DP. The sampler only sees unit indices
 ``0 .. num_units - 1``; mapping units to rows is the caller's business (see
-``group_rows`` for bounding each user's contribution).
+``privjax.dp.bounding.group_rows`` for bounding each user's contribution).
 
 Guarantee. At every step the set of real (unmasked) indices in a
 ``SampledBatch`` is exactly a Poisson sample: each unit is included
@@ -33,7 +33,6 @@ step counter.
 (True, True)
 """
 
-from collections.abc import Iterator
 import dataclasses
 import math
 import numbers
@@ -44,15 +43,12 @@ from privjax import _validate
 
 OVERFLOW_POLICIES = ("grow", "truncate", "refuse")
 
-# Distinct spawn-key prefixes keep the sampling and grouping streams apart even
-# when both are given the same seed.
 _SAMPLING_STREAM = 0
-_GROUPING_STREAM = 1
 
 # SeedSequence pads entropy to 4 uint32 words before appending the spawn key,
-# so (seed, spawn_key) maps to distinct streams only while seed < 2**128; we
-# ask for less so that seeds also fit int64 checkpoints.
-_MAX_SEED = 2**63 - 1
+# so (seed, spawn_key) maps to distinct streams only while seed < 2**128: the
+# run secret gives 128 bits (``RunSecret.integer("sampling")``).
+_MAX_SEED = 2**128 - 1
 _MAX_UNITS = np.iinfo(np.int32).max  # indices are int32 on device.
 
 
@@ -220,11 +216,12 @@ class PoissonSampler:
   ``truncated_batch_size`` units of such a sample. The randomness is NumPy's
   PCG64 seeded from ``(seed, step)`` and is independent of the data, so the
   accountant may treat steps as independent Poisson-subsampled mechanisms.
-  Anyone who learns ``seed`` learns every batch: keep it as secret as the noise.
+  Anyone who learns ``seed`` learns every batch: it must come from the run
+  secret (``RunSecret.integer("sampling")``), never from a released file.
 
   Attributes:
     sampling_prob: q in [0, 1].
-    seed: integer in [0, 2**63).
+    seed: integer in [0, 2**128), secret.
     bucket_sizes: strictly increasing positive padded sizes (``bucket_sizes()``).
     overflow: what to do with a sample larger than the largest bucket.
       ``"grow"`` pads to the next multiple of the largest bucket (one more
@@ -307,123 +304,3 @@ class PoissonSampler:
     mask.flags.writeable = False
     return SampledBatch(indices=indices, mask=mask, size=size,
                         truncated=truncated)
-
-  def iterate(self, num_units: int, start_step: int = 0) -> "SamplingIterator":
-    """An endless iterator of ``sample(step, num_units)`` from ``start_step``."""
-    return SamplingIterator(self, num_units=num_units, step=start_step)
-
-
-class SamplingIterator(Iterator[SampledBatch]):
-  """Yields ``sampler.sample(step, num_units)`` for step, step + 1, ...
-
-  Its whole state is ``{"seed", "step"}`` (the next step to draw), so resuming
-  from ``state_dict()`` yields exactly the batches an uninterrupted run would.
-
-  >>> sampler = PoissonSampler(sampling_prob=0.3, seed=0, bucket_sizes=(8,))
-  >>> it = sampler.iterate(num_units=20)
-  >>> _ = next(it); state = it.state_dict(); state
-  {'seed': 0, 'step': 1}
-  >>> resumed = SamplingIterator.from_state_dict(sampler, 20, state)
-  >>> bool((next(resumed).indices == next(it).indices).all())
-  True
-  """
-
-  def __init__(self, sampler: PoissonSampler, *, num_units: int, step: int = 0):
-    self.sampler = sampler
-    self.num_units = _integer("num_units", num_units, 0, _MAX_UNITS)
-    self.step = _integer("step", step, 0)
-
-  def __next__(self) -> SampledBatch:
-    batch = self.sampler.sample(self.step, self.num_units)
-    self.step += 1
-    return batch
-
-  def state_dict(self) -> dict[str, int]:
-    return {"seed": self.sampler.seed, "step": self.step}
-
-  @classmethod
-  def from_state_dict(cls, sampler: PoissonSampler, num_units: int,
-                      state: dict[str, int]) -> "SamplingIterator":
-    if int(state["seed"]) != sampler.seed:
-      raise ValueError(f"state seed={state['seed']!r} does not match "
-                       f"sampler seed={sampler.seed!r}")
-    return cls(sampler, num_units=num_units, step=int(state["step"]))
-
-
-# ----------------------------------------------------------------------------
-# Contribution bounding for user-level DP.
-# ----------------------------------------------------------------------------
-
-
-def group_rows(unit_of_row: np.ndarray, *, num_units: int, max_rows_per_unit: int,
-               seed: int, order_key: np.ndarray | None = None) -> np.ndarray:
-  """Rows of each unit, at most ``max_rows_per_unit`` of them, -1 padded.
-
-  This bounds each user's contribution for user-level DP: a sampled user
-  brings at most K rows, so one user's clipped gradient covers all their data.
-  The choice for each user depends only on that user's own rows (their count
-  and, with ``order_key``, their keys) and on the seed, so it is a per-user
-  preprocessing step that the user-level guarantee covers.
-
-  Args:
-    unit_of_row: int [num_rows], the unit (user) of each row, in [0, num_units).
-    num_units: number of units; units without rows get a row of -1.
-    max_rows_per_unit: K >= 1.
-    seed: integer in [0, 2**63); the same seed keeps the same rows.
-    order_key: optional [num_rows] sort key (e.g. timestamps). None keeps a
-      uniformly random subset of K rows of each unit, listed in row order.
-      Given, keeps each unit's K rows with the largest keys (the latest), ties
-      broken uniformly at random, listed by ascending key.
-
-  Returns:
-    int32 [num_units, K]: row indices, each unit's real entries first, then -1.
-
-  >>> group_rows(np.array([1, 0, 1, 1]), num_units=3, max_rows_per_unit=2,
-  ...            seed=0, order_key=np.array([5, 0, 7, 6]))
-  array([[ 1, -1],
-         [ 3,  2],
-         [-1, -1]], dtype=int32)
-  """
-  num_units = _integer("num_units", num_units, 0, _MAX_UNITS)
-  k = _integer("max_rows_per_unit", max_rows_per_unit, 1)
-  seed = _integer("seed", seed, 0, _MAX_SEED)
-  units = np.asarray(unit_of_row)
-  if units.ndim != 1 or not (units.size == 0 or np.issubdtype(units.dtype,
-                                                              np.integer)):
-    raise ValueError(f"unit_of_row must be a 1-D integer array, got dtype="
-                     f"{units.dtype} shape={units.shape}")
-  if units.size and (units.min() < 0 or units.max() >= num_units):
-    raise ValueError(f"unit_of_row values in [{units.min()}, {units.max()}] "
-                     f"must be in [0, num_units={num_units})")
-  units = units.astype(np.int64)
-  num_rows = units.size
-  # A random permutation as tie-breaker makes the kept subset uniform.
-  tiebreak = _rng(seed, _GROUPING_STREAM, 0).permutation(num_rows)
-  if order_key is None:
-    # Rank by the random key within each unit, keep the first K ...
-    order = np.lexsort((tiebreak, units))
-  else:
-    key = np.asarray(order_key)
-    if key.shape != units.shape:
-      raise ValueError(f"order_key shape={key.shape} must equal unit_of_row "
-                       f"shape={units.shape}")
-    # ... or by descending key (latest first), random among equal keys.
-    order = np.lexsort((tiebreak, -_ranks(key), units))
-  sorted_units = units[order]
-  starts = np.searchsorted(sorted_units, np.arange(num_units))
-  rank = np.arange(num_rows) - starts[sorted_units]
-  keep = order[rank < k]
-  kept_units = units[keep]
-  # List kept rows in row order, or by ascending key (chronological).
-  secondary = keep if order_key is None else _ranks(key)[keep]
-  keep = keep[np.lexsort((keep, secondary, kept_units))]
-  kept_units = units[keep]
-  slot = np.arange(keep.size) - np.searchsorted(kept_units, kept_units)
-  out = np.full((num_units, k), -1, np.int32)
-  out[kept_units, slot] = keep
-  return out
-
-
-def _ranks(key: np.ndarray) -> np.ndarray:
-  """Dense integer ranks of ``key`` (so any sortable dtype can be negated)."""
-  return np.unique(key, return_inverse=True)[1].reshape(key.shape)

@@ -46,6 +46,9 @@ class Task:
     scores: ``(model, inputs) -> [B, num_items]``.
     trainable: ``cfg -> nnx filter`` selecting the trainable parameters.
     uses_rng: ``cfg -> bool``, whether ``loss`` needs a key (e.g. dropout).
+    describe_example: ``cfg -> str``, what ONE training example is, and how
+      many examples one interaction can appear in (privacy.json states it
+      for example-level DP).
   """
   build_model: Callable[..., nnx.Module]
   train_examples: Callable[..., tuple[dict[str, np.ndarray], np.ndarray]]
@@ -55,6 +58,7 @@ class Task:
   scores: Callable[[nnx.Module, Example], jax.Array]
   trainable: Callable[[config_lib.Config], Any] = lambda cfg: nnx.Param
   uses_rng: Callable[[config_lib.Config], bool] = lambda cfg: False
+  describe_example: Callable[[config_lib.Config], str] = lambda cfg: "one training example"
 
 
 # ---------------------------------------------------------------------------
@@ -82,9 +86,17 @@ def _history_eval_inputs(cfg, eval_set, ds, model):
   return {"history": eval_set.history}
 
 
+def _describe_history_example(cfg) -> str:
+  return (f"one (history of up to {cfg.data.max_len} items, next item) pair; one "
+          f"interaction appears in up to {cfg.data.max_len + 1} examples (once as the "
+          f"target, then in the next {cfg.data.max_len} histories), so example-level "
+          "DP protects one such pair, not one interaction")
+
+
 MLP = Task(build_model=_mlp_build, train_examples=_history_examples,
            loss=lambda cfg: _history_loss, eval_inputs=_history_eval_inputs,
-           scores=lambda model, inputs: model(inputs["history"]))
+           scores=lambda model, inputs: model(inputs["history"]),
+           describe_example=_describe_history_example)
 
 
 # ---------------------------------------------------------------------------
@@ -116,7 +128,12 @@ SASREC = Task(
     build_model=_sasrec_build, train_examples=_sasrec_examples,
     loss=lambda cfg: sasrec.sequence_loss, eval_inputs=_history_eval_inputs,
     scores=lambda model, inputs: model.score_last(inputs["history"]),
-    uses_rng=lambda cfg: cfg.model.dropout > 0)
+    uses_rng=lambda cfg: cfg.model.dropout > 0,
+    describe_example=lambda cfg: (
+        f"one window of up to {cfg.data.max_len} consecutive items of one user, "
+        "trained at every position; a user's windows do not overlap, but the item "
+        "after a window is the last target of the window before, so one interaction "
+        "appears in up to 2 examples"))
 
 
 # ---------------------------------------------------------------------------
@@ -235,7 +252,11 @@ def _num_layers(cfg) -> int:
 
 
 LLM = Task(build_model=_llm_build, train_examples=_llm_examples, loss=_llm_loss,
-           eval_inputs=_llm_eval_inputs, scores=_llm_scores, trainable=_llm_trainable)
+           eval_inputs=_llm_eval_inputs, scores=_llm_scores, trainable=_llm_trainable,
+           describe_example=lambda cfg: (
+               f"one (text of the last {cfg.model.max_history_items} item titles, next "
+               f"item) pair; one interaction appears in up to "
+               f"{cfg.model.max_history_items + 1} examples"))
 
 _TASKS: dict[str, Task] = {"mlp": MLP, "sasrec": SASREC, "llm": LLM}
 

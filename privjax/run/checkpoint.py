@@ -1,8 +1,9 @@
 """Orbax checkpoints of a run: arrays (step, params, optimizer state) + JSON meta.
 
-The meta holds what makes a resume exact and honest: the sampler state, the
-root seed and noise-key stream, and the privacy spent so far (steps taken and
-epsilon). A resumed run continues the same noise-key and sampling streams and
+The meta holds what makes a resume exact and honest: the steps taken, the
+privacy spent so far, and the fingerprint of the run secret (never the secret
+or a seed of the noise: checkpoints are released). A resumed run continues
+the same noise-key and sampling streams, derived from the same secret, and
 adds to, never resets, the privacy spent.
 """
 
@@ -36,6 +37,11 @@ class Checkpointer:
     out = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return out.state, out.meta
+
+  def meta(self, step: int) -> dict[str, Any]:
+    """The JSON metadata saved with ``step``."""
+    return self._manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore())).meta
 
   def close(self) -> None:
     self._manager.close()

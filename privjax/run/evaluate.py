@@ -1,0 +1,116 @@
+"""Leave-last-out evaluation: full-ranking HR@k / NDCG@k, one loop for everyone.
+
+The trainer, ``scripts/evaluate.py``, the export, PATE and the studies all
+score users through ``evaluate`` (a model) or ``rank_metrics`` (any score
+matrix), so every number in a table comes from the same protocol.
+
+Not private. These metrics are computed from the private users' held-out
+items without noise; a run's privacy statement does not cover them (they are
+written as ``nonprivate/eval/...`` in metrics.jsonl).
+"""
+
+import math
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from privjax import config as config_lib
+from privjax.answers import aggregates
+from privjax.data import dataset as dataset_lib
+from privjax.data import sequences
+from privjax.run import metrics as metrics_lib
+from privjax.run import workload as workload_lib
+
+
+def rank_metrics(scores_fn, es: sequences.EvalSet, *, k: int, batch_size: int,
+                 sampled_negatives: int = 0) -> dict[str, float]:
+  """HR@k / NDCG@k of ``scores_fn(start, stop) -> [n, items]`` over ``es``.
+
+  Users are scored in chunks of ``batch_size`` rows; the metrics rank each
+  target against every item the user has not seen (plus, if
+  ``sampled_negatives``, against that many sampled negatives, labelled so).
+  """
+  all_ranks, sampled = [], []
+  for start in range(0, len(es.target), batch_size):
+    sl = slice(start, start + batch_size)
+    scores = np.asarray(scores_fn(start, min(start + batch_size, len(es.target))))
+    all_ranks.append(np.asarray(metrics_lib.ranks(scores, es.target[sl], es.exclude[sl])))
+    if sampled_negatives:
+      sampled.append(metrics_lib.sampled_ranks(
+          scores, es.target[sl], es.exclude[sl], sampled_negatives, seed=start))
+  ranks = np.concatenate(all_ranks) if all_ranks else np.zeros(0, np.int32)
+  hr, ndcg = metrics_lib.hit_rate_ndcg(ranks, k)
+  out = {f"hr@{k}": hr, f"ndcg@{k}": ndcg, "num_users": int(len(ranks))}
+  if sampled:
+    shr, sndcg = metrics_lib.hit_rate_ndcg(np.concatenate(sampled), k)
+    out[f"sampled{sampled_negatives}/hr@{k}"] = shr
+    out[f"sampled{sampled_negatives}/ndcg@{k}"] = sndcg
+  return out
+
+
+def evaluate(w: workload_lib.Workload, params, frozen, which: str) -> dict[str, float]:
+  """Full-ranking HR@k / NDCG@k of a model on ``which`` in {"valid", "test"}."""
+  cfg = w.cfg
+  es = sequences.eval_set(w.split, which, cfg.data.max_len)
+  inputs = w.task.eval_inputs(cfg, es, w.ds, w.model_with(params, frozen))
+  bs = cfg.eval.batch_size
+
+  def scores(start, stop):
+    chunk = {key: v[start:stop] for key, v in inputs.items()}
+    n = stop - start
+    if n < bs:  # pad to one static shape: a single compile
+      chunk = {key: np.concatenate([v, np.repeat(v[:1], bs - n, 0)])
+               for key, v in chunk.items()}
+    return np.asarray(w.score_fn(params, frozen, chunk))[:n]
+
+  return rank_metrics(scores, es, k=cfg.eval.k, batch_size=bs,
+                      sampled_negatives=cfg.eval.sampled_negatives)
+
+
+def item_scores_metrics(cfg: config_lib.Config, split: sequences.Split,
+                        item_scores: np.ndarray, which: str = "test") -> dict[str, float]:
+  """The metrics of one score per item shared by every user (popularity)."""
+  es = sequences.eval_set(split, which, cfg.data.max_len)
+  scores = np.asarray(item_scores, np.float32)
+  return rank_metrics(lambda a, b: np.broadcast_to(scores, (b - a, len(scores))), es,
+                      k=cfg.eval.k, batch_size=max(len(es.target), 1))
+
+
+def popularity_metrics(cfg: config_lib.Config, split: sequences.Split,
+                       ds: dataset_lib.RecDataset, which: str = "test") -> dict[str, float]:
+  """Non-private most-popular baseline (training counts), same protocol."""
+  counts = np.bincount(np.concatenate(split.train), minlength=ds.num_items)
+  return item_scores_metrics(cfg, split, counts, which)
+
+
+def dp_popularity_metrics(cfg: config_lib.Config, split: sequences.Split,
+                          ds: dataset_lib.RecDataset, *, epsilon: float,
+                          delta: float | None, seed: int | None,
+                          max_items_per_user: int = 20) -> dict[str, float]:
+  """The DP popularity recommender, same protocol as ``popularity_metrics``.
+
+  Item counts from the training sequences with each user in at most
+  ``max_items_per_user`` items, released by ``aggregates.dp_item_popularity``
+  (user-level (epsilon, delta)-DP; discrete Gaussian when delta is given).
+  ``epsilon = inf`` gives the plain (non-private) counts. ``seed=None`` draws
+  the noise and the bounding key from the OS; an int makes them reproducible
+  (a simulation, not a release).
+  """
+  user = np.concatenate([np.full(len(s), u) for u, s in enumerate(split.train)])
+  item = np.concatenate(split.train)
+  if math.isinf(epsilon):
+    counts = np.bincount(item, minlength=ds.num_items).astype(np.float32)
+  else:
+    counts, _ = aggregates.dp_item_popularity(
+        user, item, num_items=ds.num_items, max_items_per_user=max_items_per_user,
+        epsilon=epsilon, delta=delta, rng=seed, seed=seed)
+  return item_scores_metrics(cfg, split, counts, "test")
+
+
+def evaluate_workdir(workdir: str | pathlib.Path) -> dict[str, Any]:
+  """Recomputes validation and test metrics from a run's latest checkpoint."""
+  w, params, step = workload_lib.load_trained(workdir)
+  return {"step": step,
+          "valid": evaluate(w, params, w.frozen, "valid"),
+          "test": evaluate(w, params, w.frozen, "test")}
