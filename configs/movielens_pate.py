@@ -2,7 +2,7 @@
 
 Command (ml-100k raw files in ../shared/data/ml-100k; the whole study):
 
-  python scripts/private_inference_study.py --config configs/movielens_pate.py
+  python studies/private_inference/study.py --config configs/movielens_pate.py
 
 then serve either kind of model:
 
@@ -19,13 +19,15 @@ step), and, with ``single_model_overrides()``, as the single model trained on
 all users without privacy and with user-level DP-SGD at each epsilon of the
 study (delta = 1e-5).
 
-``get_pate_config()``: 50 teachers over disjoint shards of the 843 private
-users (about 17 users each) and 100 users held out as public (their histories
+``get_pate_config()``: 50 teachers over disjoint shards of the private users
+(about 17 users each, by a keyed hash of the user id) and the users with ids
+1-100 held out as public, standing for users who opted in (their histories
 feed the student and the public candidate pool). More teachers mean larger
 vote counts against the same noise; 50 tiny teachers train together in about
 a minute here.
 
-Expected (seed 0, measured; the table is in docs_private_inference.md): at
+Expected (measured before the run-secret change; the table is in
+studies/private_inference/README.md): at
 epsilon 1-8 spread over 100 or 1000 answers, the ensemble's noisy top-10 over
 the whole catalogue is at chance level (HR@10 ~0.006), 0.03-0.04 inside a
 public pool of 100 items; the DP-SGD model answers any number of queries for
@@ -58,4 +60,6 @@ def single_model_overrides() -> dict[str, object]:
 
 
 def get_pate_config() -> pate.PateConfig:
-  return pate.PateConfig(num_teachers=50, public_fraction=0.1)
+  # Users 1-100 stand for users who opted in: their histories are public
+  # (chosen by id, never by looking at the data).
+  return pate.PateConfig(num_teachers=50, public_users=tuple(str(u) for u in range(1, 101)))

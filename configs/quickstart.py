@@ -5,12 +5,12 @@ Command (about a minute or two on a 2-core CPU, after install):
   python scripts/train.py --config configs/quickstart.py
 
 Trains the embedding+MLP next-item model with user-level DP-SGD (each user's
-examples are clipped together; epsilon = 8 with delta = 1/num_users^1.1, RDP
-accountant, sigma calibrated to exactly this run length), then the same model
-without privacy, then a popularity baseline, and prints a table of test
-HR@10 / NDCG@10 (full ranking over unseen items).
+examples are clipped together; epsilon = 8 including the DP count of users,
+delta = 1e-5, RDP accountant, sigma calibrated to exactly this run length),
+then the same model without privacy, then a popularity baseline, and prints a
+table of test HR@10 / NDCG@10 (full ranking over unseen items).
 
-Expected (5000 synthetic users, 400 items, seed 0): see README "Quickstart".
+Expected (5000 synthetic users, 400 items): QUICKSTART_EXPECTED
 """
 
 from privjax import config as config_lib

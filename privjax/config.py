@@ -107,7 +107,8 @@ class PrivacyConfig:
   sampling_prob: float | None = None
   microbatch_size: int | None = None
   # Batches larger than the largest static bucket: "grow" (pad further, a rare
-  # recompile), "truncate" (needs the PLD accountant and a public N) or "refuse".
+  # recompile), "truncate" (needs the PLD accountant and a public N) or
+  # "refuse" (needs a public N).
   overflow: str = "grow"
   # RESEARCH ONLY. An integer derives the run secret (noise, sampling,
   # bounding) from this public seed: the run is reproducible and is NOT a DP
@@ -175,9 +176,16 @@ class Config:
   compare_baselines: bool = False
 
 
+def _model_names() -> tuple[str, ...]:
+  # Imported here: the registry imports this module (its tasks read configs).
+  from privjax.models import registry  # pylint: disable=g-import-not-at-top
+  return registry.names()
+
+
+# A callable gives choices known only at validation time.
 _CHOICES = {
     "data.source": ("synthetic", "movielens", "tfds"),
-    "model.name": ("mlp", "sasrec", "llm"),
+    "model.name": _model_names,  # the registered model families
     "model.trainable": ("full", "last_k", "lora", "head"),
     "privacy.unit": ("user", "example"),
     "privacy.neighbouring": ("add_remove", "replace_one"),
@@ -196,6 +204,7 @@ def validate(cfg: Config) -> Config:
     raise ValueError(f"config.{field}={value!r} {why}")
 
   for field, choices in _CHOICES.items():
+    choices = choices() if callable(choices) else choices
     value = get(cfg, field)
     if value not in choices:
       bad(field, value, f"must be one of {list(choices)}")
@@ -278,6 +287,10 @@ def validate(cfg: Config) -> Config:
     if p.overflow == "truncate" and p.accountant != "pld":
       bad("privacy.overflow", p.overflow, "needs privacy.accountant='pld' "
           "(only PLD accounts for truncated Poisson sampling)")
+    if p.overflow == "refuse" and p.neighbouring == "add_remove":
+      bad("privacy.overflow", p.overflow, "needs privacy.neighbouring='replace_one' "
+          "(a run that stops on a large batch reveals something the accountant does "
+          "not count, and under add/remove-one DP its chance depends on the private N)")
     if p.overflow == "truncate" and p.neighbouring == "add_remove":
       bad("privacy.overflow", p.overflow, "needs privacy.neighbouring='replace_one' "
           "(truncated Poisson accounting depends on N, which add/remove-one DP "

@@ -1,67 +1,17 @@
-"""PATE for recommendation: teachers on disjoint user shards, noisy vote answers, a student.
+"""PATE for recommendation: teachers on disjoint user shards, noisy vote answers.
 
-This is the second place (besides ``run/train.py``) where privjax composes its
-primitives, because PATE (Papernot et al. 2017, 2018) is a different algorithm
-from DP-SGD: the models are trained WITHOUT privacy, and privacy comes from
-how their outputs are aggregated and released.
-
-  1. Shards    every training user goes to one of ``m`` disjoint shards by a
-               keyed hash of their raw id, keyed by the run secret
-               (``shard_users``): a user's whole history lies in exactly one
-               shard, and adding or removing a user moves nobody else.
-               Optionally a fraction of users (by the same hash) is held out
-               of every shard as *public* users (their histories are assumed
-               public, e.g. users who opted in; they feed the student).
-  2. Teachers  ``m`` models of one architecture, one per shard, trained
-               together: parameters stacked on a leading teacher axis and the
-               non-private ``dp_step`` step ``jax.vmap``-ed over it, each
-               teacher's batch Poisson-sampled from its own shard's users
-               (``train_teachers``; one compile for all teachers).
-  3. Votes     for a query (one user's history), every teacher votes its top-1
-               (or top-k) items among those the querying user has not seen;
-               ``noisy_argmax.vote_histogram`` counts the votes and computes
-               their sensitivity to one user (``Ensemble.votes``,
-               ``vote_counts``).
-  4. Answers   the histogram goes through GNMax, Gumbel (exponential
-               mechanism) or Laplace report-noisy-max, argmax or top-k, or
-               Confident GNMax; every answer is charged to a
-               ``noisy_argmax.QuerySession``, which refuses a query that would
-               exceed its budget before drawing any noise (``answer``).
-  5. Student   a fresh model trained (non-privately) on public queries
-               labelled by noisy ensemble answers (``public_queries``,
-               ``label_queries``, ``train_student``).
-
-Guarantee. The unit of privacy is a *training user*: neighbouring datasets
-differ by adding or removing one user with all their interactions. That user
-lies in one shard, so only one teacher changes, arbitrarily; every other
-teacher is unchanged. Each teacher votes a fixed number ``k`` of distinct
-items, hence neighbouring vote histograms differ by moving one teacher's
-votes, whose sensitivity ``vote_histogram`` computes exactly (Linf = 1,
-L2 = sqrt(2 s), L1 = 2 s, s = min(k, items - k)). The released answer is a
-noisy argmax / top-k of that histogram, with the guarantee and cost stated in
-``privjax.answers.noisy_argmax`` (data-independent accounting: every answered query
-pays its mechanism; under Confident GNMax every query also pays the threshold
-check). A session of answers is ``(epsilon_budget, delta)``-DP for each
-training user, whatever the queries. A user's shard depends only on that
-user's raw id and the secret key, so adding or removing one user changes
-exactly one teacher (tested); the key stays secret so that nobody can aim a
-user at a chosen teacher. Items a query has already seen
-(and, optionally, items outside a public candidate pool) are excluded from
-votes and answers: they come from the query and public data, not from the
-training users, and no teacher votes for them, so the sensitivity is unchanged.
-
-What this does NOT protect. The teachers themselves are NOT private: each is
-an ordinary model fitted to its shard and can memorise it. Teacher parameters,
-their raw votes and the noiseless histogram must never be released; an
-ensemble directory written by ``train_ensemble`` says so in ``pate.json`` and
-must stay with the operator. Only noisy aggregated answers are released. The
-query (the querying user's own history) is an input, not protected: the
-answer is returned to whoever asked. A student trained on public queries and
-noisy labels is post-processing of those labels: its guarantee is the
-labels' cost, and it then answers any number of queries for free.
+PATE (Papernot et al. 2017, 2018) trains m models WITHOUT privacy, one per
+disjoint shard of the users, and gets its privacy from how their outputs are
+released: every teacher votes for a query, and only a noisy top-k of the vote
+histogram is released (``privjax.answers.votes``), charged to one budget.
+Steps: ``shard_users`` (a keyed hash of each raw user id), ``train_teachers``
+(vmapped over a stacked teacher axis, one compile), ``Ensemble.votes`` /
+``histograms``, ``votes.answer``, and a student trained on public queries
+labelled by noisy answers (``public_queries``, ``label_queries``,
+``train_student``). The guarantee is stated on ``Ensemble``.
 
 >>> keys = secret_lib.RunSecret.from_seed(0).unit_keys("pate/shards", range(10))
->>> shards = shard_users(keys, 3, public_fraction=0.1)
+>>> shards = shard_users(keys, 3, public=np.arange(10) < 2)
 >>> sorted(np.concatenate(shards.shards).tolist() + shards.public.tolist())
 [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
 """
@@ -69,12 +19,10 @@ labels' cost, and it then answers any number of queries for free.
 import dataclasses
 import functools
 import json
-import math
 import pathlib
 from collections.abc import Sequence
 from typing import Any
 
-import dp_accounting
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -82,6 +30,7 @@ import numpy as np
 
 from privjax import config as config_lib
 from privjax.answers import noisy_argmax
+from privjax.answers import votes as votes_lib
 from privjax.data import bounding
 from privjax.data import sequences
 from privjax.dp import noise
@@ -91,15 +40,12 @@ from privjax.dp import step as dp_step
 from privjax.run import checkpoint
 from privjax.run import workload as workload_lib
 
-# Answer mechanisms, by the name used in papers and on the command line.
-MECHANISMS = ("gnmax", "gumbel", "laplace")
-_PRIMITIVE = {"gnmax": "gaussian", "gumbel": "gumbel", "laplace": "laplace"}
 PATE_FILE = "pate.json"
 NOT_FOR_RELEASE = (
     "The teachers in this directory are NOT differentially private: each was "
     "trained without noise on one shard of the private users. Never release "
     "this directory, the teachers' parameters, their votes or vote counts; only "
-    "noisy aggregated answers (privjax.pate.answer) are private.")
+    "noisy aggregated answers (privjax.answers.votes.answer) are private.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -108,9 +54,10 @@ class PateConfig:
 
   Attributes:
     num_teachers: m, the number of disjoint user shards (and teachers).
-    public_fraction: each user is held out of every shard with this
-      probability (by the keyed hash); their histories are treated as public
-      (student queries). 0: every user is private.
+    public_users: raw ids of users whose histories are public (e.g. they
+      opted in); they are held out of every shard, feed the student queries,
+      and are outside the guarantee. The list must not be chosen by looking
+      at the data. Empty: every user is private.
 
   Teacher training uses the model config's ``train`` section: ``steps``,
   ``batch_size`` (expected users per teacher per step), ``optimizer``,
@@ -122,12 +69,11 @@ class PateConfig:
   10
   """
   num_teachers: int = 10
-  public_fraction: float = 0.0
+  public_users: tuple[str, ...] = ()
 
   def __post_init__(self):
     _integer("num_teachers", self.num_teachers, 1)
-    if not 0 <= self.public_fraction < 1:
-      raise ValueError(f"public_fraction={self.public_fraction!r} must be in [0, 1)")
+    object.__setattr__(self, "public_users", tuple(str(u) for u in self.public_users))
 
 
 def _integer(name: str, value, minimum: int) -> int:
@@ -162,33 +108,33 @@ class UserShards:
 
 
 def shard_users(unit_keys: np.ndarray, num_shards: int, *,
-                public_fraction: float = 0.0) -> UserShards:
-  """Assigns every user to one of ``num_shards`` shards by its key.
+                public: np.ndarray | None = None) -> UserShards:
+  """Assigns every private user to one of ``num_shards`` shards by its key.
 
-  With ``u = unit_keys[i] / 2**64`` uniform in [0, 1), user ``i`` is public if
-  ``u < public_fraction``, else in shard ``floor((u - f) / (1 - f) * m)``.
+  User ``i`` goes to shard ``floor(unit_keys[i] / 2**64 * m)``; users with
+  ``public[i]`` are held out of every shard.
 
   Guarantee: a user's shard depends on that user's key alone; with keys from
-  ``RunSecret.unit_keys(label, raw_user_ids)`` adding or removing one user
-  changes that user's shard membership and no other (which is what the
+  ``RunSecret.unit_keys(label, raw_user_ids)`` adding or removing one private
+  user changes that user's shard membership and no other (which is what the
   one-teacher sensitivity of the votes needs). Shard sizes are random (about
   equal); a shard may be empty for tiny datasets.
 
   Args:
     unit_keys: uint64 [num_users], keyed hashes of the raw user ids.
     num_shards: m >= 1.
-    public_fraction: in [0, 1).
+    public: optional bool [num_users], users whose data is public (from a
+      list fixed without looking at the data, e.g. ``PateConfig.public_users``).
   """
   keys = np.asarray(unit_keys)
   if keys.ndim != 1 or keys.dtype != np.uint64:
     raise ValueError(f"unit_keys must be a 1-D uint64 array, got {keys.dtype} {keys.shape}")
   num_shards = _integer("num_shards", num_shards, 1)
-  if not 0 <= public_fraction < 1:
-    raise ValueError(f"public_fraction={public_fraction!r} must be in [0, 1)")
+  public = np.zeros(len(keys), bool) if public is None else np.asarray(public, bool)
+  if public.shape != keys.shape:
+    raise ValueError(f"public.shape={public.shape} must equal unit_keys.shape={keys.shape}")
   u = (keys >> np.uint64(11)).astype(np.float64) * 2.0**-53    # uniform [0, 1)
-  public = u < public_fraction
-  shard = np.minimum(((u - public_fraction) / (1 - public_fraction) * num_shards)
-                     .astype(np.int64), num_shards - 1)
+  shard = np.minimum((u * num_shards).astype(np.int64), num_shards - 1)
   users = np.arange(len(keys))
   return UserShards(users[public],
                     tuple(users[~public & (shard == t)] for t in range(num_shards)))
@@ -228,11 +174,13 @@ def unstack(tree: Any, index: int) -> Any:
 def _samplers(unit_rows: Sequence[np.ndarray], seeds: Sequence[int],
               batch_size: int) -> list[sampling.PoissonSampler]:
   # Every teacher pads to one static size, so the vmapped step compiles once.
-  # Teachers are not private: truncating a (vanishingly rare) oversized sample
-  # costs nothing here, and keeps that shape fixed.
+  # The size is PUBLIC (a Poisson(batch_size) tail bound, which dominates every
+  # teacher's Binomial): derived from a shard's size, one user could change
+  # every teacher's shapes. Teachers are not private: truncating a
+  # (vanishingly rare) oversized sample costs nothing here.
   probs = [min(batch_size / max(len(rows), 1), 1.0) for rows in unit_rows]
-  size = max(max(sampling.bucket_sizes(num_units=len(rows), sampling_prob=q))
-             for rows, q in zip(unit_rows, probs))
+  big = np.iinfo(np.int32).max
+  size = sampling.bucket_sizes(num_units=big, sampling_prob=batch_size / big)[-1]
   return [sampling.PoissonSampler(sampling_prob=q, seed=s, bucket_sizes=(size,),
                                   overflow="truncate")
           for q, s in zip(probs, seeds)]
@@ -391,236 +339,6 @@ def top_unseen(w: workload_lib.Workload, params, inputs: dict[str, np.ndarray],
   return votes if stacked else votes[:, 0]
 
 
-def vote_counts(votes_QxMxK: np.ndarray, num_items: int
-                ) -> tuple[np.ndarray, noisy_argmax.Sensitivity]:
-  """Per-query vote histograms [Q, num_items] and their sensitivity to one user.
-
-  Each histogram is ``noisy_argmax.vote_histogram`` of that query's teacher
-  votes (which also checks them); the sensitivity depends only on the votes
-  per teacher and the number of items, so it is the same for every query.
-
-  >>> counts, sens = vote_counts(np.array([[[0], [2], [2]]]), num_items=3)
-  >>> counts.tolist(), sens.linf
-  ([[1, 0, 2]], 1.0)
-  """
-  votes = np.asarray(votes_QxMxK)
-  if votes.ndim != 3 or votes.shape[0] < 1:
-    raise ValueError(f"votes.shape={votes.shape} must be [queries >= 1, teachers, k]")
-  counts = np.zeros((votes.shape[0], num_items), np.int32)
-  sensitivities = set()
-  for q in range(votes.shape[0]):
-    histogram, sensitivity = noisy_argmax.vote_histogram(votes[q], num_classes=num_items)
-    counts[q] = np.asarray(histogram)
-    sensitivities.add(sensitivity)
-  # A function of (k, num_items) only: one value for every query.
-  (sensitivity,) = sensitivities
-  return counts, sensitivity
-
-
-# ----------------------------------------------------------------------------
-# 4. Answers.
-# ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class AnswerSpec:
-  """Public parameters of one noisy answer.
-
-  Attributes:
-    mechanism: "gnmax" (Gaussian noise, ``sigma``), "gumbel" (exponential
-      mechanism, per-round ``epsilon``) or "laplace" (report-noisy-max,
-      per-round ``epsilon``).
-    k: items per answer (the noisy top-k of the vote histogram).
-    epsilon: per-round epsilon (gumbel, laplace): an answer is k*epsilon-DP.
-    sigma: noise std on each vote count (gnmax).
-    threshold: Confident GNMax (gnmax, k = 1): answer only if the largest
-      count plus N(0, sigma_threshold^2) reaches it.
-    sigma_threshold: the check's noise std.
-
-  >>> AnswerSpec(mechanism="gnmax", k=1, sigma=5.0).sigma
-  5.0
-  """
-  mechanism: str
-  k: int = 1
-  epsilon: float | None = None
-  sigma: float | None = None
-  threshold: float | None = None
-  sigma_threshold: float | None = None
-
-  def __post_init__(self):
-    if self.mechanism not in MECHANISMS:
-      raise ValueError(f"mechanism={self.mechanism!r} must be one of {list(MECHANISMS)}")
-    _integer("k", self.k, 1)
-    if (self.threshold is None) != (self.sigma_threshold is None):
-      raise ValueError(f"threshold={self.threshold!r} and sigma_threshold="
-                       f"{self.sigma_threshold!r}: give both (Confident GNMax) or neither")
-    if self.confident and (self.mechanism != "gnmax" or self.k != 1):
-      raise ValueError(f"Confident GNMax needs mechanism='gnmax' and k=1, got "
-                       f"mechanism={self.mechanism!r}, k={self.k}")
-
-  @property
-  def confident(self) -> bool:
-    return self.threshold is not None
-
-  def cost(self, sensitivity: noisy_argmax.Sensitivity,
-           num_queries: int = 1) -> dp_accounting.DpEvent:
-    """The worst-case cost of ``num_queries`` answers (every query answered)."""
-    if self.confident:
-      return noisy_argmax.confident_cost_of(
-          sigma_threshold=self.sigma_threshold, sigma=self.sigma,
-          sensitivity=sensitivity, num_queries=num_queries, num_answered=num_queries)
-    return noisy_argmax.cost_of(_PRIMITIVE[self.mechanism], epsilon=self.epsilon,
-                                sigma=self.sigma, sensitivity=sensitivity, k=self.k,
-                                num_queries=num_queries)
-
-  def pure_epsilon(self) -> float | None:
-    """The pure-DP epsilon of one answer (gumbel, laplace), else None."""
-    if self.mechanism == "gnmax":
-      return None
-    return noisy_argmax.pure_epsilon_of(self.mechanism, epsilon=self.epsilon, k=self.k)
-
-  def noise_scale(self, sensitivity: noisy_argmax.Sensitivity) -> float:
-    scales = [self.sigma or 0.0, self.sigma_threshold or 0.0]
-    if self.epsilon is not None:
-      scales.append(2.0 * sensitivity.linf / self.epsilon)
-    return max(scales)
-
-
-def _floor_excluded(counts: np.ndarray, excluded: np.ndarray, spec: AnswerSpec,
-                    sensitivity: noisy_argmax.Sensitivity) -> np.ndarray:
-  # Excluded items get a public constant (it depends on the spec only, never
-  # on the counts) so far below any count that noise of this scale lifts one
-  # above an allowed item with probability < exp(-1000). The excluded set
-  # comes from the query and public data, not from the training users, and
-  # teachers never vote for those items, so this changes no sensitivity.
-  floor = -(1e9 + 2000.0 * spec.noise_scale(sensitivity))
-  return np.where(excluded, floor, counts.astype(np.float64)).astype(np.float32)
-
-
-def answer(session: noisy_argmax.QuerySession, counts: np.ndarray,
-           sensitivity: noisy_argmax.Sensitivity, excluded: np.ndarray,
-           spec: AnswerSpec) -> np.ndarray:
-  """Noisy top-k of vote histograms within a session's budget.
-
-  Args:
-    session: charged for the answer BEFORE any noise is drawn; raises
-      ``noisy_argmax.BudgetExceededError`` (nothing drawn, earlier answers
-      kept) if the answer would exceed its budget.
-    counts: int [num_items] or [Q, num_items] vote histograms (``vote_counts``).
-    sensitivity: their sensitivity to one user (``vote_counts``).
-    excluded: bool, same shape: items never answered, e.g. those the query
-      has seen, or those outside a public candidate pool. It must not depend
-      on the training users (the guarantee treats it as public).
-    spec: mechanism and its parameters.
-
-  Returns:
-    int [..., k] item ids, best first; with Confident GNMax [..., 1] and -1
-    where the query was not answered.
-
-  Guarantee: each row is one answer of ``spec``'s mechanism on a histogram of
-  the given sensitivity (see ``privjax.answers.noisy_argmax``); the session composes
-  them and stays within its (epsilon, delta) budget.
-  """
-  counts = np.asarray(counts)
-  excluded = np.asarray(excluded, bool)
-  if counts.shape != excluded.shape:
-    raise ValueError(f"counts.shape={counts.shape} must equal "
-                     f"excluded.shape={excluded.shape}")
-  if ((~excluded).sum(-1) < spec.k).any():
-    raise ValueError(f"a query has fewer than k={spec.k} items left to answer")
-  scores = _floor_excluded(counts, excluded, spec, sensitivity)
-  if spec.confident:
-    answered, choice = session.confident_argmax(
-        scores, threshold=spec.threshold, sigma_threshold=spec.sigma_threshold,
-        sigma=spec.sigma, sensitivity=sensitivity)
-    return np.where(answered, choice, -1)[..., None]
-  return session.top_k(scores, spec.k, mechanism=_PRIMITIVE[spec.mechanism],
-                       epsilon=spec.epsilon, sigma=spec.sigma, sensitivity=sensitivity)
-
-
-def _epsilon_of(event: dp_accounting.DpEvent, delta: float) -> float:
-  accountant = dp_accounting.rdp.RdpAccountant()
-  accountant.compose(event)
-  return float(accountant.get_epsilon(delta))
-
-
-def calibrate(mechanism: str, *, epsilon_budget: float, num_queries: int,
-              sensitivity: noisy_argmax.Sensitivity, k: int = 1,
-              delta: float | None = None, accounting: str = "rdp") -> AnswerSpec:
-  """The least noisy ``AnswerSpec`` of which ``num_queries`` answers fit the budget.
-
-  With ``accounting="rdp"`` (any mechanism): the largest per-round epsilon
-  (gumbel, laplace) or smallest sigma (gnmax) such that the ``RdpAccountant``
-  epsilon at ``delta`` of ``num_queries`` composed answers is <= the budget,
-  found by bisection and rounded to the safe side. With ``accounting="pure"``
-  (gumbel, laplace): per-round epsilon = budget / (k * num_queries).
-
-  >>> spec = calibrate("gumbel", epsilon_budget=2.0, num_queries=4, k=1,
-  ...                  sensitivity=noisy_argmax.Sensitivity(linf=1.0), accounting="pure")
-  >>> spec.epsilon
-  0.5
-  """
-  if mechanism not in MECHANISMS:
-    raise ValueError(f"mechanism={mechanism!r} must be one of {list(MECHANISMS)}")
-  if not (epsilon_budget > 0 and math.isfinite(epsilon_budget)):
-    raise ValueError(f"epsilon_budget={epsilon_budget!r} must be finite and > 0")
-  num_queries = _integer("num_queries", num_queries, 1)
-  k = _integer("k", k, 1)
-  if accounting == "pure":
-    if mechanism == "gnmax":
-      raise ValueError("mechanism='gnmax' has no pure-DP bound; use accounting='rdp'")
-    return AnswerSpec(mechanism=mechanism, k=k, epsilon=epsilon_budget / (k * num_queries))
-  if accounting != "rdp":
-    raise ValueError(f"accounting={accounting!r} must be 'rdp' or 'pure'")
-  if delta is None or not 0 < delta < 1:
-    raise ValueError(f"delta={delta!r} must be in (0, 1) for accounting='rdp'")
-
-  def spec_for(x: float) -> AnswerSpec:
-    if mechanism == "gnmax":
-      return AnswerSpec(mechanism=mechanism, k=k, sigma=1.0 / x)
-    return AnswerSpec(mechanism=mechanism, k=k, epsilon=x)
-
-  def fits(x: float) -> bool:
-    # A hair under the budget: a session charging the answers one by one sums
-    # the same RDP curve in another order of floating-point additions.
-    epsilon = _epsilon_of(spec_for(x).cost(sensitivity, num_queries), delta)
-    return epsilon <= epsilon_budget * (1 - 1e-9)
-
-  # x is the per-round epsilon or 1 / sigma: the cost grows with x.
-  lo, hi = 1e-9, 1.0
-  while fits(hi):
-    lo, hi = hi, hi * 2.0
-    if hi > 1e9:
-      raise ValueError(f"epsilon_budget={epsilon_budget} is not reached by any noise level")
-  for _ in range(80):
-    mid = math.sqrt(lo * hi)
-    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    if hi / lo < 1 + 1e-9:
-      break
-  if not fits(lo):
-    raise ValueError(f"epsilon_budget={epsilon_budget} is too small for "
-                     f"num_queries={num_queries}")
-  return spec_for(lo)
-
-
-def per_answer(mechanism: str, *, epsilon: float, sensitivity: noisy_argmax.Sensitivity,
-               k: int = 1, delta: float | None = None) -> AnswerSpec:
-  """The ``AnswerSpec`` of one answer that costs ``epsilon`` on its own.
-
-  gumbel, laplace: pure epsilon-DP for the whole top-k (per-round epsilon / k).
-  gnmax: (epsilon, delta)-DP of that single answer (RDP conversion).
-
-  >>> per_answer("laplace", epsilon=1.0, k=4,
-  ...            sensitivity=noisy_argmax.Sensitivity(linf=1.0)).epsilon
-  0.25
-  """
-  if mechanism == "gnmax":
-    return calibrate(mechanism, epsilon_budget=epsilon, num_queries=1,
-                     sensitivity=sensitivity, k=k, delta=delta)
-  return calibrate(mechanism, epsilon_budget=epsilon, num_queries=1,
-                   sensitivity=sensitivity, k=k, accounting="pure")
-
-
 # ----------------------------------------------------------------------------
 # The ensemble: training, saving and loading a PATE directory.
 # ----------------------------------------------------------------------------
@@ -631,6 +349,21 @@ class Ensemble:
   """m trained teachers over user shards. NOT private: never release it.
 
   ``params`` are the stacked teachers' trainable params ``[m, ...]``.
+
+  Guarantee (of the answers, not of the ensemble). The unit is a training
+  user; neighbours add or remove one user with all their interactions. That
+  user lies in one shard (``shard_users``: a keyed hash of the raw id), so one
+  teacher changes, arbitrarily, and no other. Each teacher votes k distinct
+  items, so neighbouring histograms differ by one teacher's votes, whose
+  sensitivity ``vote_histogram`` computes exactly (Linf = 1, L2 = sqrt(2 s),
+  L1 = 2 s, s = min(k, items - k)). Released answers are noisy top-k of the
+  histogram (``votes.answer``), each charged to the session's budget before
+  any noise is drawn (data-independent accounting). Items a query has seen,
+  or outside a public pool, are excluded: that comes from the query and
+  public data, so the sensitivity is unchanged. NOT protected: the teachers,
+  their votes and the noiseless histograms (never release them; ``pate.json``
+  says so), and the query itself. A student trained on public queries and
+  noisy labels is post-processing: its cost is the labels'.
   """
   w: workload_lib.Workload
   pate: PateConfig
@@ -653,7 +386,7 @@ class Ensemble:
                  votes_per_teacher: int = 1
                  ) -> tuple[np.ndarray, noisy_argmax.Sensitivity]:
     """Vote histograms [Q, num_items] and their sensitivity. NOT private."""
-    return vote_counts(self.votes(inputs, excluded, votes_per_teacher),
+    return votes_lib.vote_counts(self.votes(inputs, excluded, votes_per_teacher),
                        self.w.ds.num_items)
 
 
@@ -717,7 +450,8 @@ def train_ensemble(cfg: config_lib.Config, pate_cfg: PateConfig,
 def _shards(w: workload_lib.Workload, pate_cfg: PateConfig,
             secret: secret_lib.RunSecret) -> UserShards:
   return shard_users(secret.unit_keys("pate/shards", w.ds.raw_user_ids),
-                     pate_cfg.num_teachers, public_fraction=pate_cfg.public_fraction)
+                     pate_cfg.num_teachers,
+                     public=np.isin(np.asarray(w.ds.raw_user_ids), pate_cfg.public_users))
 
 
 def bounded_examples(w: workload_lib.Workload, secret: secret_lib.RunSecret):
@@ -790,14 +524,14 @@ def public_queries(w: workload_lib.Workload, users: np.ndarray, *, num_queries: 
 
 
 def label_queries(ensemble: Ensemble, session: noisy_argmax.QuerySession,
-                  queries: Queries, spec: AnswerSpec,
+                  queries: Queries, spec: votes_lib.AnswerSpec,
                   votes_per_teacher: int = 1) -> np.ndarray:
   """The noisy ensemble's top-1 label of each query (-1 where Confident GNMax
   abstained), all charged to ``session`` as one batch of answers."""
   if spec.k != 1:
     raise ValueError(f"labels are top-1 answers: spec.k={spec.k} must be 1")
   counts, sensitivity = ensemble.histograms(queries.inputs, queries.seen, votes_per_teacher)
-  return answer(session, counts, sensitivity, queries.seen, spec)[:, 0]
+  return votes_lib.answer(session, counts, sensitivity, queries.seen, spec)[:, 0]
 
 
 def train_student(w: workload_lib.Workload, queries: Queries, labels: np.ndarray, *,
@@ -817,21 +551,3 @@ def train_student(w: workload_lib.Workload, queries: Queries, labels: np.ndarray
   params = train_teachers(w, examples, [unit_rows], seeds=[seed], steps=steps,
                           batch_size=min(batch_size, len(unit_rows)))
   return unstack(params, 0)
-
-
-# ----------------------------------------------------------------------------
-# Metrics of answers.
-# ----------------------------------------------------------------------------
-
-
-def hits(answers_QxK: np.ndarray, targets: np.ndarray) -> dict[str, float]:
-  """Top-1 hit rate and HR@k of answers (item lists, best first) on targets.
-
-  >>> hits(np.array([[3, 1], [2, 0]]), np.array([3, 0]))
-  {'top1': 0.5, 'hr@2': 1.0, 'num_queries': 2}
-  """
-  answers = np.asarray(answers_QxK)
-  targets = np.asarray(targets)[:, None]
-  return {"top1": float((answers[:, :1] == targets).mean()),
-          f"hr@{answers.shape[1]}": float((answers == targets).any(-1).mean()),
-          "num_queries": int(len(answers))}

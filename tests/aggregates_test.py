@@ -402,3 +402,36 @@ def test_pld_budget_cannot_account_discrete_gaussian_by_accountant():
                    delta=1e-6, budget=budget, rng=0)
   assert budget.accountant_epsilon == math.inf
   assert budget.spent_epsilon == pytest.approx(0.5, rel=1e-6)  # basic path
+
+
+# Row histograms (count_rows=True), which the rating histogram uses.
+
+def test_row_histogram_caps_rows_per_user():
+  user = np.array([0] * 7 + [1] * 2)
+  bins = np.array([4, 4, 4, 4, 3, 3, 2, 0, 1])
+  m = 3
+  full, _ = aggregates.histogram(user, bins, num_bins=5,
+                                 max_contributions_per_user=m, count_rows=True,
+                                 epsilon=1e9, rng=0)
+  assert full.sum() == m + 2  # user 0 keeps 3 of 7 rows, user 1 both
+  without, _ = aggregates.histogram(user[7:], bins[7:], num_bins=5,
+                                    max_contributions_per_user=m,
+                                    count_rows=True, epsilon=1e9, rng=0)
+  assert np.abs(full - without).sum() == m  # L1 sensitivity m, reached
+
+
+def test_row_histogram_gaussian_noise_uses_l2_sensitivity_m():
+  # No data: the release is pure noise, N(0, sigma(L2 = m)). The distinct-user
+  # histogram's L2 is sqrt(m): a KS test must tell the two apart.
+  m, epsilon, delta = 4, 1.0, 1e-5
+  noise, event = aggregates.histogram(
+      np.zeros(0, np.int64), np.zeros(0, np.int64), num_bins=4000,
+      max_contributions_per_user=m, count_rows=True, epsilon=epsilon,
+      delta=delta, mechanism="gaussian", rng=0)
+  sigma = mechanisms.gaussian_sigma(sensitivity=m, epsilon=epsilon, delta=delta)
+  assert stats.kstest(noise / sigma, "norm").pvalue > 0.01
+  for wrong in (mechanisms.gaussian_sigma(sensitivity=np.sqrt(m),
+                                          epsilon=epsilon, delta=delta),
+                sigma * 2 / 3, sigma * 3 / 2):
+    assert stats.kstest(noise / wrong, "norm").pvalue < 1e-6
+  assert event.noise_multiplier == pytest.approx(sigma / m)

@@ -1,6 +1,5 @@
-"""Tests for privjax.data.anonymize: pseudonyms, hierarchies, Mondrian k-anonymity."""
+"""Tests for privjax.data.anonymize: Mondrian k-anonymity and l-diversity."""
 
-import hashlib
 import pickle
 
 from hypothesis import given, settings, strategies as st
@@ -8,62 +7,22 @@ import numpy as np
 import pytest
 
 from privjax.data import anonymize
+from privjax.data import deidentify
 
-OCCUPATIONS = sorted(anonymize.OCCUPATION_HIERARCHY)
+OCCUPATIONS = sorted(deidentify.OCCUPATION_HIERARCHY)
 QI_NAMES = [qi.name for qi in anonymize.MOVIELENS_QUASI_IDENTIFIERS]
 
 # =============================================================================
-# Pseudonyms and keys
+# Pseudonyms in the release
 # =============================================================================
 
 KEY_A = b"first secret key, 32 bytes long!"
-KEY_B = b"second secret key, also 32 bytes"
-
-
-def test_pseudonyms_stable_per_key_and_different_across_keys():
-  ids = np.array(["1", "2", "3", "1", "943"])
-  key_a, key_b = anonymize.PseudonymKey(KEY_A), anonymize.PseudonymKey(KEY_B)
-  a1, a2 = anonymize.pseudonymize(ids, key_a), anonymize.pseudonymize(ids, key_a)
-  b = anonymize.pseudonymize(ids, key_b)
-  np.testing.assert_array_equal(a1, a2)
-  assert a1[0] == a1[3] and len(set(a1)) == 4
-  assert not set(a1) & set(b)
-  assert all(len(p) == 16 and set(p) <= set("0123456789abcdef") for p in a1)
-  short = anonymize.pseudonymize(ids, key_a, length=10, alphabet="base32")
-  assert all(len(p) == 10 and set(p) <= set("abcdefghijklmnopqrstuvwxyz234567")
-             for p in short)
-  # A pseudonym is not a plain hash of the id: it needs the key.
-  assert a1[0] != hashlib.sha256(b"1").hexdigest()[:16]
-
-
-def test_load_key_from_file_and_env(tmp_path, monkeypatch):
-  path = tmp_path / "key"
-  path.write_bytes(KEY_A + b"\n")
-  from_file = anonymize.load_key(path)
-  monkeypatch.setenv("MY_KEY", KEY_A.decode())
-  from_env = anonymize.load_key(env_var="MY_KEY")
-  ids = np.arange(5)
-  np.testing.assert_array_equal(anonymize.pseudonymize(ids, from_file),
-                                anonymize.pseudonymize(ids, from_env))
-
-
-def test_load_key_errors_are_clear_and_do_not_leak(tmp_path, monkeypatch):
-  monkeypatch.delenv("MISSING_KEY", raising=False)
-  with pytest.raises(ValueError, match=r"set \$MISSING_KEY"):
-    anonymize.load_key(env_var="MISSING_KEY")
-  with pytest.raises(FileNotFoundError, match="nope"):
-    anonymize.load_key(tmp_path / "nope")
-  short = tmp_path / "short"
-  short.write_bytes(b"tooshort-secret")  # 15 bytes
-  with pytest.raises(ValueError, match="15 bytes") as error:
-    anonymize.load_key(short)
-  assert "tooshort" not in str(error.value)
 
 
 def test_key_never_appears_in_outputs(tmp_path):
   path = tmp_path / "key"
   path.write_bytes(KEY_A)
-  key = anonymize.load_key(path)
+  key = deidentify.load_key(path)
   table = _random_table(np.random.default_rng(0), 60)
   out, report = anonymize.k_anonymize(table, k=3, pseudonym_key=key)
   assert "id" not in out and len(out["pseudonym"]) == report.num_kept
@@ -76,27 +35,8 @@ def test_key_never_appears_in_outputs(tmp_path):
 
 
 # =============================================================================
-# Hierarchies
+# Quasi-identifier hierarchies
 # =============================================================================
-
-
-def test_generalization_hierarchies():
-  age = np.array([0, 24, 37, 99])
-  assert anonymize.generalize_age(age, 0).tolist() == ["0", "24", "37", "99"]
-  assert anonymize.generalize_age(age, 1).tolist() == ["0-4", "20-24", "35-39", "95-99"]
-  assert anonymize.generalize_age(age, 3).tolist() == ["0-19", "20-39", "20-39", "80-99"]
-  assert anonymize.generalize_age(age, 4).tolist() == ["*"] * 4
-  zips = np.array(["85711", "T8H1N"])
-  assert [anonymize.generalize_zip(zips, level).tolist() for level in range(5)] == [
-      ["85711", "T8H1N"], ["857**", "T8H**"], ["85***", "T8***"],
-      ["8****", "T****"], ["*****", "*****"]]
-  occupations = np.array(OCCUPATIONS)
-  assert set(anonymize.generalize_categorical(occupations,
-                                              anonymize.OCCUPATION_HIERARCHY, 1)) \
-      == set(anonymize.OCCUPATION_CATEGORIES)
-  assert set(anonymize.generalize_categorical(
-      occupations, anonymize.OCCUPATION_HIERARCHY, 2)) == {"*"}
-  assert len(OCCUPATIONS) == 21  # every MovieLens occupation has a place
 
 
 def test_bad_hierarchy_is_rejected():
@@ -138,7 +78,7 @@ def _check_release(table, out, report, *, k, l=None, sensitive=None):
   if report.num_kept == 0:
     assert report.num_classes == 0
     return
-  index, sizes = anonymize.equivalence_classes(out, QI_NAMES)
+  index, sizes = deidentify.equivalence_classes(out, QI_NAMES)
   assert sizes.min() >= k
   assert report.num_classes == len(sizes)
   assert report.min_class_size == sizes.min() and report.max_class_size == sizes.max()
@@ -153,7 +93,7 @@ def _check_release(table, out, report, *, k, l=None, sensitive=None):
     assert int(lo) <= table["age"][row] <= int(hi or lo)
     assert table["zip"][row].startswith(zip_.rstrip("*"))
     assert gender in ("*", table["gender"][row])
-    assert occupation in anonymize.OCCUPATION_HIERARCHY[table["occupation"][row]]
+    assert occupation in deidentify.OCCUPATION_HIERARCHY[table["occupation"][row]]
   assert 0.0 <= report.ncp <= 1.0
 
 
@@ -200,7 +140,7 @@ def test_mondrian_splits_and_reports_information_loss():
   assert loose_report.ncp < tight_report.ncp
   assert loose_report.discernibility < tight_report.discernibility
   # Discernibility is the sum of squared class sizes.
-  _, sizes = anonymize.equivalence_classes(tight, QI_NAMES)
+  _, sizes = deidentify.equivalence_classes(tight, QI_NAMES)
   assert tight_report.discernibility == (sizes**2).sum()
 
 
@@ -248,8 +188,8 @@ def test_ml100k_users_k5(ml100k_path, tmp_path):
   assert any(not z.isdigit() for z in users["zip"])  # e.g. "T8H1N"
   key_path = tmp_path / "key"
   key_path.write_bytes(KEY_A)
-  out, report = anonymize.k_anonymize(users, k=5,
-                                      pseudonym_key=anonymize.load_key(key_path))
+  out, report = anonymize.k_anonymize(
+      users, k=5, pseudonym_key=deidentify.load_key(key_path))
   _check_release(users, out, report, k=5)
   assert report.num_suppressed == 0  # every MovieLens value has a place
   assert len(set(out["pseudonym"])) == 943
@@ -262,6 +202,6 @@ def test_ml100k_users_k5(ml100k_path, tmp_path):
   out, report = anonymize.k_anonymize(
       users, k=5, quasi_identifiers=anonymize.MOVIELENS_QUASI_IDENTIFIERS[:3],
       sensitive="occupation", l=3)
-  index, sizes = anonymize.equivalence_classes(out, ["age", "zip", "gender"])
+  index, sizes = deidentify.equivalence_classes(out, ["age", "zip", "gender"])
   assert sizes.min() >= 5
   assert min(len(set(out["occupation"][index == c])) for c in range(len(sizes))) >= 3

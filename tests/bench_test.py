@@ -1,6 +1,5 @@
-"""Smoke tests of scripts/bench.py: it runs and writes JSON with every mode."""
+"""Smoke tests of studies/bench/bench.py: it runs and writes JSON with every mode."""
 
-import importlib.util
 import json
 import pathlib
 import subprocess
@@ -12,11 +11,12 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 MODES = ("nonprivate", "vmap", "ghost")
 
 
-def _load_bench():
-  spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+BENCH = REPO / "studies" / "bench" / "bench.py"
+
+
+def _bench(*args) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, str(BENCH), *map(str, args)],
+                        capture_output=True, text=True, check=False)
 
 
 def _check(report: dict, workloads: tuple[str, ...], rss: bool):
@@ -40,27 +40,25 @@ def _check(report: dict, workloads: tuple[str, ...], rss: bool):
     assert res["modes"]["vmap"]["xla_mb"] > res["modes"]["ghost"]["xla_mb"]
 
 
-def test_quick_mlp_writes_json_with_all_modes(tmp_path, capsys):
-  bench = _load_bench()
+def test_quick_mlp_writes_json_with_all_modes(tmp_path):
   out = tmp_path / "bench.json"
-  bench.main(["--quick", "--workloads", "a", "--no-rss", "--out", str(out)])
+  run = _bench("--quick", "--workloads", "a", "--no-rss", "--out", out)
+  assert run.returncode == 0, run.stderr
   report = json.loads(out.read_text())
   _check(report, ("mlp",), rss=False)
-  table = capsys.readouterr().out
-  assert "| mlp | ghost |" in table and "| mlp | vmap |" in table
+  assert "| mlp | ghost |" in run.stdout and "| mlp | vmap |" in run.stdout
 
 
 def test_unknown_workload_and_mode_are_refused():
-  bench = _load_bench()
-  with pytest.raises(ValueError, match="workload 'd'"):
-    bench.main(["--quick", "--workloads", "d"])
-  with pytest.raises(ValueError, match="mode 'fast'"):
-    bench.main(["--quick", "--modes", "fast"])
+  run = _bench("--quick", "--workloads", "d")
+  assert run.returncode != 0 and "workload 'd'" in run.stderr
+  run = _bench("--quick", "--modes", "fast")
+  assert run.returncode != 0 and "mode 'fast'" in run.stderr
 
 
 @pytest.mark.slow
 def test_quick_all_workloads_with_rss_subprocesses(tmp_path):
   out = tmp_path / "bench.json"
-  subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--quick",
+  subprocess.run([sys.executable, str(BENCH), "--quick",
                   "--out", str(out)], check=True, cwd=REPO, timeout=900)
   _check(json.loads(out.read_text()), ("mlp", "sasrec", "bert"), rss=True)

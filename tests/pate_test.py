@@ -10,14 +10,17 @@ import pytest
 from scipy import stats
 
 from privjax import config as config_lib
+from privjax.answers import budget as budget_lib
 from privjax.answers import noisy_argmax
 from privjax import pate
+from privjax.answers import votes as votes_lib
 from privjax.data import bounding
 from privjax.data import sequences
 from privjax.dp import secret as secret_lib
 from privjax.run import workload as workload_lib
 
 DELTA = 1e-5
+PUBLIC = tuple(str(u) for u in range(1, 13))   # raw ids of 12 opted-in users
 TRACES = []
 
 
@@ -42,8 +45,9 @@ def setup():
   w = workload_lib.build_workload(_cfg())
   w = workload_lib.Workload(**{**w.__dict__, "loss_fun": _counting(w.loss_fun, TRACES)})
   secret = secret_lib.RunSecret.from_seed(0)
+  public = np.isin(np.asarray(w.ds.raw_user_ids), PUBLIC)
   shards = pate.shard_users(secret.unit_keys("pate/shards", w.ds.raw_user_ids), 3,
-                            public_fraction=0.1)
+                            public=public)
   examples, user_of_row = w.task.train_examples(w.cfg, w.split, w.ds, w.model)
   per_user = bounding.group_rows(user_of_row, max_rows_per_unit=4,
                                  unit_keys=secret.unit_keys("bounding", w.ds.raw_user_ids))
@@ -55,7 +59,7 @@ def ensemble(setup):
   w, shards, examples, _, per_user = setup
   params = pate.train_teachers(w, examples, [per_user[s] for s in shards.shards],
                                seeds=pate.teacher_seeds(0, 3), steps=4, batch_size=8)
-  return pate.Ensemble(w, pate.PateConfig(num_teachers=3, public_fraction=0.1), shards,
+  return pate.Ensemble(w, pate.PateConfig(num_teachers=3, public_users=PUBLIC), shards,
                        params)
 
 
@@ -68,10 +72,12 @@ def _keys(ids, seed=3):
   return secret_lib.RunSecret.from_seed(seed).unit_keys("pate/shards", ids)
 
 
-@pytest.mark.parametrize("num_users,num_shards,fraction", [
-    (10, 3, 0.0), (943, 10, 0.1), (500, 50, 0.0), (7, 1, 0.5)])
-def test_shards_are_disjoint_by_user_and_cover_every_user(num_users, num_shards, fraction):
-  shards = pate.shard_users(_keys(range(num_users)), num_shards, public_fraction=fraction)
+@pytest.mark.parametrize("num_users,num_shards,num_public", [
+    (10, 3, 0), (943, 10, 100), (500, 50, 0), (7, 1, 3)])
+def test_shards_are_disjoint_by_user_and_cover_every_user(num_users, num_shards, num_public):
+  public = np.arange(num_users) < num_public
+  shards = pate.shard_users(_keys(range(num_users)), num_shards, public=public)
+  np.testing.assert_array_equal(shards.public, np.arange(num_public))
   assert len(shards.shards) == num_shards
   everyone = np.concatenate(list(shards.shards) + [shards.public])
   # Each user exactly once: disjoint and covering.
@@ -80,12 +86,11 @@ def test_shards_are_disjoint_by_user_and_cover_every_user(num_users, num_shards,
   for t, users in enumerate(shards.shards):
     assert (owner[users] == t).all()
   assert (owner[shards.public] == -1).all()
-  if num_users >= 500:  # about equal sizes, about the public fraction
+  if num_users >= 500:  # about equal sizes: a uniform multinomial
     sizes = np.array([len(x) for x in shards.shards])
-    expected = num_users * (1 - fraction) / num_shards
-    assert stats.chisquare(sizes, np.full(num_shards, sizes.mean())).pvalue > 1e-3
-    assert abs(sizes.mean() - expected) < 0.1 * expected
-    assert abs(len(shards.public) - fraction * num_users) < 4 * math.sqrt(num_users) + 1
+    assert stats.chisquare(sizes).pvalue > 1e-3
+    skewed = np.linspace(0.6, 1.4, num_shards) * sizes.sum() / num_shards
+    assert stats.chisquare(sizes, skewed * sizes.sum() / skewed.sum()).pvalue < 1e-3
 
 
 def test_adding_one_user_changes_that_users_teacher_and_no_other():
@@ -94,8 +99,8 @@ def test_adding_one_user_changes_that_users_teacher_and_no_other():
   raw = [str(u) for u in range(1000, 1943)]
   bigger = raw[:400] + ["1399x"] + raw[400:]
   for m in (10, 50):
-    before = pate.shard_users(_keys(raw), m, public_fraction=0.1)
-    after = pate.shard_users(_keys(bigger), m, public_fraction=0.1)
+    before = pate.shard_users(_keys(raw), m, public=np.isin(raw, ["1000", "1001"]))
+    after = pate.shard_users(_keys(bigger), m, public=np.isin(bigger, ["1000", "1001"]))
     members = lambda shards, ids: [{ids[u] for u in users} for users in shards.shards]
     a, b = members(before, raw), members(after, bigger)
     changed = [t for t in range(m) if a[t] != b[t]]
@@ -123,7 +128,7 @@ def test_shards_depend_on_the_secret():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(num_shards=0), "num_shards=0"), (dict(public_fraction=1.0), "public_fraction=1.0"),
+    (dict(num_shards=0), "num_shards=0"), (dict(public=np.ones(2, bool)), "public.shape"),
     (dict(unit_keys=np.zeros(3, np.int64)), "uint64")])
 def test_bad_shards_are_refused_naming_the_value(kwargs, match):
   args = dict(unit_keys=_keys(range(5)), num_shards=2)
@@ -188,7 +193,7 @@ def test_one_users_data_changes_only_their_teacher(setup):
 @pytest.mark.slow  # a second workload and compile; recommend_test loads ensembles too
 def test_ensemble_round_trips_through_its_directory_and_warns(tmp_path):
   cfg = _cfg(**{"train.steps": 2})
-  trained = pate.train_ensemble(cfg, pate.PateConfig(num_teachers=2, public_fraction=0.05),
+  trained = pate.train_ensemble(cfg, pate.PateConfig(num_teachers=2, public_users=("1", "2", "3")),
                                 tmp_path)
   meta = json.loads((tmp_path / pate.PATE_FILE).read_text())
   assert "NOT differentially private" in meta["warning"]
@@ -232,7 +237,7 @@ def test_votes_are_unseen_items_and_histograms_count_them(ensemble, votes_per_te
 
 def test_vote_counts_refuses_repeated_votes_of_a_teacher():
   with pytest.raises(ValueError, match="repeats a class"):
-    pate.vote_counts(np.array([[[1, 1]]]), num_items=4)
+    votes_lib.vote_counts(np.array([[[1, 1]]]), num_items=4)
 
 
 # ----------------------------------------------------------------------------
@@ -251,15 +256,15 @@ def test_a_clear_vote_wins_and_seen_items_are_never_answered(mechanism, param):
   seen = np.tile([[1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]], (1000, 1)).astype(bool)
   session = noisy_argmax.QuerySession(epsilon_budget=1e12, delta=DELTA,
                                       key=jax.random.key(0))
-  spec = pate.AnswerSpec(mechanism=mechanism, k=2, **param)
-  top = pate.answer(session, counts, SENS, seen, spec)
+  spec = votes_lib.AnswerSpec(mechanism=mechanism, k=2, **param)
+  top = votes_lib.answer(session, counts, SENS, seen, spec)
   # Item 0 has the most votes in query 2 but that user has seen it.
   np.testing.assert_array_equal(top, np.tile([[1, 3], [2, 1]], (1000, 1)))
   # With noise that swamps the counts, a seen item still never comes out,
   # while every unseen item does.
-  noisy = pate.AnswerSpec(mechanism=mechanism, k=2,
+  noisy = votes_lib.AnswerSpec(mechanism=mechanism, k=2,
                           **{key: (1e4 if key == "sigma" else 1e-4) for key in param})
-  out = pate.answer(session, counts, SENS, seen, noisy)
+  out = votes_lib.answer(session, counts, SENS, seen, noisy)
   assert not (out == 0).any()
   assert set(out[:, 0].tolist()) == {1, 2, 3, 4, 5}
 
@@ -269,8 +274,8 @@ def test_answers_are_charged_as_cost_of_per_query():
   seen = np.zeros((4, 6), bool)
   session = noisy_argmax.QuerySession(epsilon_budget=100.0, delta=DELTA,
                                       key=jax.random.key(0))
-  spec = pate.AnswerSpec(mechanism="gumbel", k=3, epsilon=0.5)
-  pate.answer(session, counts, SENS, seen, spec)
+  spec = votes_lib.AnswerSpec(mechanism="gumbel", k=3, epsilon=0.5)
+  votes_lib.answer(session, counts, SENS, seen, spec)
   assert session.events == [noisy_argmax.cost_of("gumbel", epsilon=0.5, sensitivity=SENS,
                                                  k=3, num_queries=4)]
   assert spec.cost(SENS, 4) == session.events[0]
@@ -279,20 +284,20 @@ def test_answers_are_charged_as_cost_of_per_query():
 def test_a_session_of_answers_stops_at_its_budget_keeping_earlier_ones():
   counts = np.array([0, 4, 1, 0, 0])
   seen = np.zeros(5, bool)
-  spec = pate.AnswerSpec(mechanism="gnmax", k=2, sigma=20.0)
+  spec = votes_lib.AnswerSpec(mechanism="gnmax", k=2, sigma=20.0)
   budget = 2.0
   session = noisy_argmax.QuerySession(epsilon_budget=budget, delta=DELTA,
                                       key=jax.random.key(0))
   answers = []
-  with pytest.raises(noisy_argmax.BudgetExceededError):
+  with pytest.raises(budget_lib.BudgetExceededError):
     for _ in range(1000):
-      answers.append(pate.answer(session, counts, SENS, seen, spec).tolist())
+      answers.append(votes_lib.answer(session, counts, SENS, seen, spec).tolist())
   # Exactly as many answers as the budget affords, all kept, none past it.
-  affordable = max(q for q in range(1, 1000) if pate._epsilon_of(spec.cost(SENS, q), DELTA)
+  affordable = max(q for q in range(1, 1000) if votes_lib._epsilon_of(spec.cost(SENS, q), DELTA)
                    <= budget)
   assert len(answers) == len(session.answers) == affordable
-  assert [a.choice.tolist() for a in session.answers] == answers
-  assert session.epsilon <= budget < pate._epsilon_of(spec.cost(SENS, affordable + 1), DELTA)
+  assert [a.value.tolist() for a in session.answers] == answers
+  assert session.epsilon <= budget < votes_lib._epsilon_of(spec.cost(SENS, affordable + 1), DELTA)
 
 
 def test_confident_gnmax_abstains_below_the_threshold_and_pays_every_check():
@@ -300,51 +305,51 @@ def test_confident_gnmax_abstains_below_the_threshold_and_pays_every_check():
   seen = np.zeros((2, 4), bool)
   session = noisy_argmax.QuerySession(epsilon_budget=1e12, delta=DELTA,
                                       key=jax.random.key(0))
-  spec = pate.AnswerSpec(mechanism="gnmax", sigma=1e-3, threshold=5.0,
+  spec = votes_lib.AnswerSpec(mechanism="gnmax", sigma=1e-3, threshold=5.0,
                          sigma_threshold=1e-3)
-  labels = pate.answer(session, counts, SENS, seen, spec)
+  labels = votes_lib.answer(session, counts, SENS, seen, spec)
   assert labels.tolist() == [[1], [-1]]
   assert session.events == [noisy_argmax.confident_cost_of(
       sigma_threshold=1e-3, sigma=1e-3, sensitivity=SENS, num_queries=2, num_answered=1)]
   with pytest.raises(ValueError, match="Confident GNMax needs"):
-    pate.AnswerSpec(mechanism="gumbel", epsilon=1.0, threshold=1.0, sigma_threshold=1.0)
+    votes_lib.AnswerSpec(mechanism="gumbel", epsilon=1.0, threshold=1.0, sigma_threshold=1.0)
 
 
-@pytest.mark.parametrize("mechanism", pate.MECHANISMS)
+@pytest.mark.parametrize("mechanism", votes_lib.MECHANISMS)
 @pytest.mark.parametrize("num_queries", [1, 100])
 def test_calibration_fits_exactly_q_answers_in_the_budget(mechanism, num_queries):
   sens = noisy_argmax.Sensitivity(linf=1.0, l2=math.sqrt(6), l1=6.0)
-  spec = pate.calibrate(mechanism, epsilon_budget=4.0, num_queries=num_queries,
+  spec = votes_lib.calibrate(mechanism, epsilon_budget=4.0, num_queries=num_queries,
                         sensitivity=sens, k=3, delta=DELTA)
-  eps = pate._epsilon_of(spec.cost(sens, num_queries), DELTA)
+  eps = votes_lib._epsilon_of(spec.cost(sens, num_queries), DELTA)
   assert 4.0 * (1 - 1e-6) <= eps <= 4.0
   # Less noise would not fit: the calibration is tight, not merely safe.
   x = spec.sigma if mechanism == "gnmax" else spec.epsilon
-  tighter = pate.AnswerSpec(mechanism=mechanism, k=3,
+  tighter = votes_lib.AnswerSpec(mechanism=mechanism, k=3,
                             **({"sigma": x * 0.999} if mechanism == "gnmax"
                                else {"epsilon": x * 1.001}))
-  assert pate._epsilon_of(tighter.cost(sens, num_queries), DELTA) > 4.0
+  assert votes_lib._epsilon_of(tighter.cost(sens, num_queries), DELTA) > 4.0
   # A session with that budget answers exactly num_queries of them, one by one.
   session = noisy_argmax.QuerySession(epsilon_budget=4.0, delta=DELTA,
                                       key=jax.random.key(1))
   counts, seen = np.zeros(12, np.int32), np.zeros(12, bool)
   for _ in range(num_queries):
-    pate.answer(session, counts, sens, seen, spec)
-  with pytest.raises(noisy_argmax.BudgetExceededError):
-    pate.answer(session, counts, sens, seen, spec)
+    votes_lib.answer(session, counts, sens, seen, spec)
+  with pytest.raises(budget_lib.BudgetExceededError):
+    votes_lib.answer(session, counts, sens, seen, spec)
 
 
 def test_pure_calibration_and_per_answer_epsilon():
   sens = noisy_argmax.Sensitivity(linf=1.0, l2=math.sqrt(2))
-  assert pate.calibrate("laplace", epsilon_budget=6.0, num_queries=3, sensitivity=sens,
+  assert votes_lib.calibrate("laplace", epsilon_budget=6.0, num_queries=3, sensitivity=sens,
                         k=2, accounting="pure").epsilon == 1.0
-  spec = pate.per_answer("gumbel", epsilon=2.0, sensitivity=sens, k=4)
+  spec = votes_lib.per_answer("gumbel", epsilon=2.0, sensitivity=sens, k=4)
   assert spec.epsilon == 0.5 and spec.pure_epsilon() == 2.0
-  gn = pate.per_answer("gnmax", epsilon=2.0, sensitivity=sens, k=4, delta=DELTA)
-  assert pate._epsilon_of(gn.cost(sens), DELTA) == pytest.approx(2.0, rel=1e-6)
+  gn = votes_lib.per_answer("gnmax", epsilon=2.0, sensitivity=sens, k=4, delta=DELTA)
+  assert votes_lib._epsilon_of(gn.cost(sens), DELTA) == pytest.approx(2.0, rel=1e-6)
   assert isinstance(gn.cost(sens), dp_accounting.GaussianDpEvent)
   with pytest.raises(ValueError, match="no pure-DP bound"):
-    pate.calibrate("gnmax", epsilon_budget=1.0, num_queries=1, sensitivity=sens,
+    votes_lib.calibrate("gnmax", epsilon_budget=1.0, num_queries=1, sensitivity=sens,
                    accounting="pure")
 
 
@@ -364,7 +369,7 @@ def test_student_learns_from_public_queries_and_noisy_labels_only(ensemble):
     assert set(seen_items) <= set(w.split.train[queries.users[row]].tolist())
   session = noisy_argmax.QuerySession(epsilon_budget=8.0, delta=DELTA,
                                       key=jax.random.key(0))
-  spec = pate.calibrate("gnmax", epsilon_budget=8.0, num_queries=40, k=1, delta=DELTA,
+  spec = votes_lib.calibrate("gnmax", epsilon_budget=8.0, num_queries=40, k=1, delta=DELTA,
                         sensitivity=noisy_argmax.Sensitivity(linf=1.0, l2=math.sqrt(2)))
   labels = pate.label_queries(ensemble, session, queries, spec)
   assert labels.shape == (40,) and not queries.seen[np.arange(40), labels].any()

@@ -1,6 +1,5 @@
-"""scripts/recommend.py on tiny synthetic run directories (DP-SGD and PATE)."""
+"""privjax.serve (scripts/recommend.py) on tiny synthetic run directories (DP-SGD, PATE)."""
 
-import importlib.util
 import json
 import pathlib
 import re
@@ -9,14 +8,11 @@ import pytest
 
 from privjax import config as config_lib
 from privjax import pate
+from privjax import serve as recommend
 from privjax.run import train as train_lib
 from privjax.run import workload as workload_lib
 from privjax.data import sequences
 
-_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "recommend.py"
-_spec = importlib.util.spec_from_file_location("recommend", _SCRIPT)
-recommend = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(recommend)
 
 
 def _cfg(**overrides):
@@ -45,7 +41,7 @@ def ensemble_dir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("pate")
   cfg = _cfg(**{"privacy.enabled": False, "privacy.noise_multiplier": None,
                 "train.batch_size": 8, "train.steps": 3})
-  pate.train_ensemble(cfg, pate.PateConfig(num_teachers=3, public_fraction=0.07), workdir)
+  pate.train_ensemble(cfg, pate.PateConfig(num_teachers=3, public_users=tuple(str(u) for u in range(1, 11))), workdir)
   return workdir
 
 

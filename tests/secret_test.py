@@ -33,6 +33,8 @@ def test_saved_with_private_permissions_and_loaded_back(tmp_path):
 def test_for_run_creates_then_reuses_and_refuses_a_missing_one(tmp_path):
   first = secret_lib.for_run(tmp_path, reproducible_seed=None, resuming=False)
   assert secret_lib.for_run(tmp_path, reproducible_seed=None, resuming=True).key == first.key
+  with pytest.raises(ValueError, match="must not reuse"):   # a new run, same dir
+    secret_lib.for_run(tmp_path, reproducible_seed=None, resuming=False)
   os.remove(secret_lib.RunSecret.path(tmp_path))
   with pytest.raises(secret_lib.MissingSecretError, match="missing"):
     secret_lib.for_run(tmp_path, reproducible_seed=None, resuming=True)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from privjax import config as config_lib
 from privjax.dp import accounting
 from privjax.dp import calibration
 from privjax.dp import clipping
@@ -39,10 +40,10 @@ def _released_text(workdir: pathlib.Path) -> str:
 
 
 def _reports(workdir: pathlib.Path) -> str:
-  """The files that describe a run (privacy.json, report.md, results, metrics,
+  """The released files that describe a run (privacy.json, metrics.jsonl,
   checkpoint metadata); config.json is left out: for synthetic data it holds
   the generator's num_users, a public parameter of the built-in data."""
-  names = ["privacy.json", "report.md", "results.json", "metrics.jsonl"]
+  names = ["privacy.json", "metrics.jsonl"]
   texts = [(workdir / n).read_text() for n in names]
   texts += [p.read_text() for p in (workdir / "checkpoints").rglob("*")
             if p.is_file() and "meta" in str(p)]
@@ -52,8 +53,9 @@ def _reports(workdir: pathlib.Path) -> str:
 def test_run_directory_holds_the_promised_files(tmp_path, tiny_cfg):
   cfg = tiny_cfg(**{"privacy.reproducible_noise_seed": None})
   result = train_lib.train_and_evaluate(cfg, tmp_path, show_progress=False)
-  for name in ("config.json", "privacy.json", "metrics.jsonl", "report.md", "checkpoints",
-               "secret/run_secret.json"):
+  for name in ("config.json", "privacy.json", "metrics.jsonl", "checkpoints",
+               "secret/run_secret.json", "nonprivate/report.md", "nonprivate/results.json",
+               "nonprivate/metrics.jsonl"):
     assert (tmp_path / name).exists(), name
   privacy = json.loads((tmp_path / "privacy.json").read_text())
   for key in ("unit", "unit_description", "neighbouring_relation", "accountant",
@@ -71,13 +73,19 @@ def test_run_directory_holds_the_promised_files(tmp_path, tiny_cfg):
   assert privacy["epsilon"] == pytest.approx(privacy["epsilon_dpsgd"] + 0.05)
   assert privacy["epsilon_pld"] <= privacy["epsilon_rdp"] * 1.001
   assert privacy["epsilon"] == pytest.approx(result["epsilon"])
-  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  assert [l["step"] for l in lines if "epsilon" in l] == [2, 4, 6]
-  assert any("nonprivate/eval/test/hr@10" in l for l in lines)
-  assert all(k.startswith("nonprivate/") or k in ("step", "epsilon", "noise_stddev")
-             for l in lines for k in l)
-  report = (tmp_path / "report.md").read_text()
-  assert "user" in report and "Not covered" in report
+  public = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert public[0] == {"event": "start", "step": 0, "dp_release": True,
+                       "reproducible_noise": False}
+  assert [l["step"] for l in public if "epsilon" in l] == [2, 4, 6]
+  # Released metrics hold public values only; the rest is in nonprivate/.
+  assert {k for l in public for k in l} <= {"step", "epsilon", "noise_stddev", "event",
+                                            "dp_release", "reproducible_noise"}
+  nonprivate = [json.loads(l)
+                for l in (tmp_path / "nonprivate" / "metrics.jsonl").read_text().splitlines()]
+  assert any("nonprivate/eval/test/hr@10" in l for l in nonprivate)
+  assert any("nonprivate/loss" in l for l in nonprivate)
+  report = (tmp_path / "nonprivate" / "report.md").read_text()
+  assert "user" in report and "Not covered" in report and "NOT for release" in report
   # evaluate.py recomputes the same numbers from the checkpoint.
   again = evaluate_lib.evaluate_workdir(tmp_path)
   assert again["test"] == pytest.approx(result["test"])
@@ -170,17 +178,16 @@ def test_released_files_do_not_let_anyone_subtract_the_noise(tmp_path, tiny_cfg,
     privacy = json.loads((tmp_path / "privacy.json").read_text())
     assert privacy["dp_release"] is False and privacy["private"] is False
     assert "NOT A DP RELEASE" in privacy["summary"]
-    assert "REPRODUCIBLE NOISE" in (tmp_path / "report.md").read_text()
+    assert "NOT A DP RELEASE" in (tmp_path / "nonprivate" / "report.md").read_text()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])[
+        "dp_release"] is False
   else:
     assert best > 0.5 * noise_norm    # of the order of the noise: nothing recovered
 
 
 def test_resume_gives_the_same_params_and_epsilon_as_an_uninterrupted_run(tmp_path, tiny_cfg):
-  cfg = tiny_cfg(**{"privacy.reproducible_noise_seed": None})
+  cfg = tiny_cfg()   # reproducible noise: two directories, the same streams
   train_lib.train_and_evaluate(cfg, tmp_path / "straight", show_progress=False)
-  # The same secret in both directories: the resumed run must match exactly.
-  (tmp_path / "resumed").mkdir()
-  shutil.copytree(tmp_path / "straight" / "secret", tmp_path / "resumed" / "secret")
   first = train_lib.train_and_evaluate(cfg, tmp_path / "resumed", show_progress=False,
                                        stop_after_steps=4)
   assert first["steps"] == 4 and "interrupted" in first["stop_reason"]
@@ -192,7 +199,54 @@ def test_resume_gives_the_same_params_and_epsilon_as_an_uninterrupted_run(tmp_pa
   pa = json.loads((tmp_path / "straight" / "privacy.json").read_text())
   pb = json.loads((tmp_path / "resumed" / "privacy.json").read_text())
   assert pa["epsilon"] == pb["epsilon"] and pb["steps"] == 6
-  assert pa["noisy_num_units"] == pb["noisy_num_units"]  # released once
+
+
+def test_resume_with_the_secret_is_bit_exact(tmp_path, tiny_cfg):
+  # A secret run interrupted after step 4 (checkpoints at 3 and 4), copied;
+  # one copy resumes from 4, the other from 3: the secret streams replay the
+  # same steps, so both end with the same parameters.
+  cfg = tiny_cfg(**{"privacy.reproducible_noise_seed": None})
+  train_lib.train_and_evaluate(cfg, tmp_path / "a", show_progress=False, stop_after_steps=4)
+  shutil.copytree(tmp_path / "a", tmp_path / "b")
+  shutil.rmtree(tmp_path / "b" / "checkpoints" / "4")
+  for name in ("a", "b"):
+    assert train_lib.train_and_evaluate(cfg, tmp_path / name, show_progress=False)["steps"] == 6
+  for x, y in zip(jax.tree.leaves(_params(tmp_path / "a")),
+                  jax.tree.leaves(_params(tmp_path / "b"))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_resume_marks_the_log_and_keeps_no_duplicate_steps(tmp_path, tiny_cfg):
+  cfg = tiny_cfg(**{"train.log_every": 1, "train.checkpoint_every": 2})
+  train_lib.train_and_evaluate(cfg, tmp_path, show_progress=False, stop_after_steps=3)
+  # Cut what the interrupted attempt logged after its last checkpoint (step
+  # 2), as a crash would have left it: the resumed run logs steps 3.. again.
+  ckpt = checkpoint.Checkpointer(tmp_path)
+  ckpt._manager.delete(3)  # pylint: disable=protected-access
+  ckpt.close()
+  train_lib.train_and_evaluate(cfg, tmp_path, show_progress=False)
+  nonprivate = [json.loads(l) for l in
+                (tmp_path / "nonprivate" / "metrics.jsonl").read_text().splitlines()]
+  train_steps = [r["step"] for r in nonprivate if "nonprivate/loss" in r]
+  assert train_steps == [1, 2, 3, 4, 5, 6]   # step 3 once, not twice
+  public = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["event"] for r in public if "event" in r] == ["start", "resume"]
+  assert [r["step"] for r in public if "epsilon" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_on_changed_data_is_refused(tmp_path, tiny_cfg):
+  train_lib.train_and_evaluate(tiny_cfg(), tmp_path, show_progress=False, stop_after_steps=3)
+  # One more user: a new training set under the old statement. (The config
+  # check does not see it: the data section is the same but the data are not.)
+  from privjax.run import workload  # pylint: disable=g-import-not-at-top
+  real = workload.load_dataset
+  try:
+    workload.load_dataset = lambda c: real(config_lib.replace(
+        tiny_cfg(), **{"data.num_users": TINY_USERS + 40}).data)
+    with pytest.raises(ValueError, match="data changed"):
+      train_lib.train_and_evaluate(tiny_cfg(), tmp_path, show_progress=False)
+  finally:
+    workload.load_dataset = real
 
 
 def test_resume_without_the_secret_is_refused(tmp_path, tiny_cfg):

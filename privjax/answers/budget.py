@@ -68,8 +68,9 @@ def _for_rdp(event: dp_accounting.DpEvent) -> dp_accounting.DpEvent:
 class PrivacyBudget:
   """A privacy filter: answers queries until the loss would pass (epsilon, delta).
 
-  The spent epsilon is the smaller of two valid bounds on the composed loss at
-  this budget's ``delta``:
+  The spent epsilon is, with ``composition="best"`` (default), the smaller of
+  two valid bounds on the composed loss at this budget's ``delta``
+  (``"basic"`` or ``"accountant"`` uses only one of them):
 
   * basic composition of the queries' own guarantees (sum of epsilons, valid
     when the sum of their deltas is <= ``delta``); exact for pure DP, and the
@@ -88,7 +89,10 @@ class PrivacyBudget:
   parameters* are chosen adaptively too, the basic-composition path is a valid
   filter (Rogers et al. 2016) and the RDP path is one at each fixed order
   (Feldman & Zrnic 2021); picking the best order afterwards is the usual
-  practice and an assumption here.
+  practice and an assumption here. Taking the smaller of the two bounds is
+  valid for a sequence of queries fixed in advance; a session whose privacy
+  parameters adapt to earlier answers uses one path only (``"basic"`` or
+  ``"accountant"``), as ``noisy_argmax.QuerySession`` does.
 
   >>> budget = PrivacyBudget(epsilon=1.0)
   >>> budget.spend(dp_accounting.LaplaceDpEvent(2.0), name="q1")
@@ -102,10 +106,12 @@ class PrivacyBudget:
   """
 
   def __init__(self, *, epsilon: float, delta: float = 0.0,
-               accountant: str = "rdp"):
+               accountant: str = "rdp", composition: str = "best"):
     self._epsilon = _validate.positive("epsilon", epsilon)
     self._delta = _validate.probability("delta", delta)
     self._kind = _validate.one_of("accountant", accountant, {"rdp", "pld"})
+    self._composition = _validate.one_of("composition", composition,
+                                         {"best", "basic", "accountant"})
     self._accountant = (dp_accounting.rdp.RdpAccountant() if accountant == "rdp"
                         else dp_accounting.pld.PLDAccountant())
     self._queries: list[SpentQuery] = []
@@ -146,7 +152,14 @@ class PrivacyBudget:
 
   @property
   def spent_epsilon(self) -> float:
-    return min(self.basic_epsilon, self._accountant_epsilon)
+    return self._combine(self.basic_epsilon, self._accountant_epsilon)
+
+  def _combine(self, basic: float, accountant: float) -> float:
+    if self._composition == "basic":
+      return basic
+    if self._composition == "accountant":
+      return accountant
+    return min(basic, accountant)
 
   @property
   def remaining_epsilon(self) -> float:
@@ -191,7 +204,7 @@ class PrivacyBudget:
     query = SpentQuery(name=name, event=event, epsilon=float(epsilon),
                        delta=float(delta))
     accountant, accountant_eps = self._compose(event)
-    total = min(self._basic(self._queries + [query]), accountant_eps)
+    total = self._combine(self._basic(self._queries + [query]), accountant_eps)
     if not total <= self._epsilon * (1 + _BUDGET_RTOL):
       raise BudgetExceededError(
           f"query {name!r} would spend epsilon={total:.6g} > budget "

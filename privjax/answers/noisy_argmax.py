@@ -33,7 +33,7 @@ Mechanisms and their guarantees (per query, i.e. per row of ``scores``):
   Pure epsilon-DP implies ``epsilon**2 / 2``-zCDP (Bun & Steinke 2016,
   Prop. 1.4), the bound charged to the RDP accountant; a ``QuerySession``
   with ``accounting="pure"`` instead adds up the epsilons (basic composition).
-* ``"gaussian"``: GNMax (Papernot et al. 2018), the argmax (or ordered top-k)
+* ``"gnmax"``: GNMax (Papernot et al. 2018), the argmax (or ordered top-k)
   of the scores plus N(0, sigma^2) noise on every score. That is a
   post-processing of the whole noisy vector, the Gaussian mechanism with L2
   sensitivity ``l2``: RDP(alpha) = alpha * l2**2 / (2 sigma**2), i.e.
@@ -81,13 +81,12 @@ twice. ``QuerySession`` derives the key of its i-th query as
 >>> counts, sens = vote_histogram(jnp.array([2, 2, 2, 0, 2]), num_classes=3)
 >>> counts.tolist(), sens.l2 == math.sqrt(2)
 ([1, 0, 4], True)
->>> choice, cost = noisy_argmax(counts, mechanism="gaussian", sigma=1e-3,
+>>> choice, cost = noisy_argmax(counts, mechanism="gnmax", sigma=1e-3,
 ...                             sensitivity=sens, key=jax.random.key(0))
 >>> int(choice), cost.noise_multiplier == 1e-3 / math.sqrt(2)
 (2, True)
 """
 
-import copy
 import dataclasses
 import functools
 import math
@@ -98,13 +97,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from privjax import _validate
+from privjax.answers import budget as budget_lib
 
-MECHANISMS = ("gaussian", "gumbel", "laplace")
+MECHANISMS = ("gnmax", "gumbel", "laplace")
 ACCOUNTING = ("pure", "rdp")
-
-
-class BudgetExceededError(RuntimeError):
-  """A query would take the session past its epsilon budget; nothing was drawn."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -115,7 +111,7 @@ class Sensitivity:
     linf: largest change of any single score (exponential mechanism, report
       noisy max, and the max score in confident GNMax).
     l2: L2 norm of the change of the whole vector (Gaussian mechanism);
-      None when unknown, and then ``"gaussian"`` refuses it.
+      None when unknown, and then ``"gnmax"`` refuses it.
     l1: L1 norm of the change (informational: releasing a Laplace-noised
       histogram would be charged by it; nothing here releases one).
 
@@ -199,15 +195,15 @@ def _check_params(mechanism, epsilon, sigma, sensitivity, monotonic):
   if not isinstance(sensitivity, Sensitivity):
     raise ValueError(f"sensitivity={sensitivity!r} must be a Sensitivity (which "
                      "norm a bare number bounds is ambiguous)")
-  if mechanism == "gaussian":
+  if mechanism == "gnmax":
     if epsilon is not None:
-      raise ValueError(f"epsilon={epsilon!r} is not used by mechanism='gaussian'; "
+      raise ValueError(f"epsilon={epsilon!r} is not used by mechanism='gnmax'; "
                        "pass sigma")
     if monotonic:
-      raise ValueError("monotonic=True has no meaning for mechanism='gaussian'")
+      raise ValueError("monotonic=True has no meaning for mechanism='gnmax'")
     _validate.positive("sigma", sigma)
     if sensitivity.l2 is None:
-      raise ValueError(f"sensitivity.l2=None: mechanism='gaussian' needs it ({sensitivity})")
+      raise ValueError(f"sensitivity.l2=None: mechanism='gnmax' needs it ({sensitivity})")
     _validate.positive("sensitivity.l2", sensitivity.l2)
   else:
     if sigma is not None:
@@ -235,7 +231,7 @@ def cost_of(mechanism: str, *, epsilon: float | None = None,
   """The privacy cost of ``num_queries`` noisy top-k answers, before drawing any.
 
   Args:
-    mechanism: "gumbel", "laplace" or "gaussian".
+    mechanism: "gumbel", "laplace" or "gnmax".
     epsilon: per-round epsilon (gumbel, laplace).
     sigma: noise standard deviation on the scores (gaussian).
     sensitivity: the bounds of one unit's influence on the scores.
@@ -255,7 +251,7 @@ def cost_of(mechanism: str, *, epsilon: float | None = None,
   _check_params(mechanism, epsilon, sigma, sensitivity, monotonic)
   k = _count("k", k)
   num_queries = _count("num_queries", num_queries)
-  if mechanism == "gaussian":
+  if mechanism == "gnmax":
     event = dp_accounting.GaussianDpEvent(sigma / sensitivity.l2)
   elif mechanism == "gumbel":
     event = dp_accounting.ZCDpEvent(rho=k * epsilon**2 / 8)
@@ -290,7 +286,7 @@ def confident_cost_of(*, sigma_threshold: float, sigma: float,
   SelfComposedDpEvent(event=GaussianDpEvent(noise_multiplier=2.0), count=3)
   """
   _validate.positive("sigma_threshold", sigma_threshold)
-  _check_params("gaussian", None, sigma, sensitivity, False)
+  _check_params("gnmax", None, sigma, sensitivity, False)
   _validate.positive("sensitivity.linf", sensitivity.linf)
   num_queries = _count("num_queries", num_queries)
   num_answered = _count("num_answered", num_answered, minimum=0)
@@ -310,7 +306,7 @@ def confident_cost_of(*, sigma_threshold: float, sigma: float,
 
 
 def _scale(mechanism, epsilon, sigma, sensitivity, monotonic) -> float:
-  if mechanism == "gaussian":
+  if mechanism == "gnmax":
     return float(sigma)
   # Non-monotone scores can move in opposite directions for two items, which
   # doubles the shift in their difference; monotone ones cannot.
@@ -378,10 +374,10 @@ def _top_k_kernel(scores, scale, key, *, mechanism: str, k: int):
 def _confident_kernel(scores, threshold, sigma_threshold, sigma, key):
   scores, finite = _as_float(scores)
   check_key, answer_key = jax.random.split(key)
-  noisy_max = _perturb(scores.max(axis=-1), mechanism="gaussian",
+  noisy_max = _perturb(scores.max(axis=-1), mechanism="gnmax",
                        scale=sigma_threshold, key=check_key)
   answered = noisy_max >= threshold
-  noisy = _perturb(scores, mechanism="gaussian", scale=sigma, key=answer_key)
+  noisy = _perturb(scores, mechanism="gnmax", scale=sigma, key=answer_key)
   choice = jnp.where(answered, jnp.argmax(noisy, axis=-1), -1).astype(jnp.int32)
   return answered, choice, finite
 
@@ -399,7 +395,7 @@ def noisy_top_k(scores, k: int, *, mechanism: str, epsilon: float | None = None,
   Args:
     scores: [..., n] scores; leading axes are independent queries.
     k: how many items to report, 1 <= k <= n.
-    mechanism: "gumbel", "laplace" or "gaussian".
+    mechanism: "gumbel", "laplace" or "gnmax".
     epsilon: per-round epsilon (gumbel, laplace).
     sigma: noise standard deviation on the scores (gaussian).
     sensitivity: the bounds of one unit's influence on the scores.
@@ -511,57 +507,61 @@ def confident_gnmax(scores, *, threshold: float, sigma_threshold: float,
 # ----------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Answer:
-  """One answered call of a ``QuerySession``: what was released and its cost."""
-  mechanism: str
-  choice: np.ndarray
-  event: dp_accounting.DpEvent
-  answered: np.ndarray | None = None  # confident GNMax only.
-
-
 class QuerySession:
-  """Answers private queries until an epsilon budget is spent, then refuses.
+  """Noisy argmax / top-k answers charged to one ``budget.PrivacyBudget``.
 
-  Guarantee. With ``accounting="rdp"`` (default) the session as a whole is
-  (epsilon_budget, delta)-DP for the unit of privacy of the scores. Every cost
-  is zCDP (RDP curve ``rho * alpha``), so "epsilon at delta from the
-  ``RdpAccountant`` stays within budget" is a budget on the total rho, and
-  refusing a query whose worst-case cost would exceed it is a Renyi filter
-  (Feldman & Zrnic 2021): valid even when queries, parameters and, in
-  confident GNMax, the number of answers depend on earlier outputs. With
-  ``accounting="pure"`` the session adds up pure epsilons (basic composition,
-  a valid pure-DP filter, Rogers et al. 2016) and is epsilon_budget-DP; only
-  gumbel and laplace queries are allowed there.
+  Guarantee. Every answer is charged to the budget BEFORE any noise is drawn;
+  an answer the budget cannot afford raises ``budget.BudgetExceededError``
+  and changes nothing (earlier answers stay in ``answers``). With
+  ``accounting="rdp"`` (default) the session is (epsilon_budget, delta)-DP for
+  the unit of privacy of the scores: every cost here is zCDP (an RDP curve
+  ``rho * alpha``), so the budget's RDP bound is a Renyi filter (Feldman &
+  Zrnic 2021), valid even when queries, parameters and, in confident GNMax,
+  the number of answers depend on earlier outputs. With ``accounting="pure"``
+  the budget adds pure epsilons (basic composition, a valid pure-DP filter,
+  Rogers et al. 2016) and only gumbel and laplace are allowed. The i-th
+  answered call uses key ``fold_in(key, i)``, so no key is used twice.
 
-  The check comes before any noise is drawn, and a refused query changes
-  nothing: earlier answers stay in ``answers``. The i-th answered call uses
-  key ``fold_in(key, i)``, so no key is used twice.
+  Pass ``budget`` to share one filter with other releases (DP statistics,
+  PATE labels); otherwise the session makes its own from ``epsilon_budget``,
+  ``delta`` and ``accounting``.
 
   >>> session = QuerySession(epsilon_budget=1.0, delta=1e-5, key=jax.random.key(0))
   >>> counts, sens = vote_histogram(np.array([0, 1, 1, 1]), num_classes=2)
-  >>> int(session.argmax(counts, mechanism="gaussian", sigma=40.0, sensitivity=sens)) in (0, 1)
+  >>> int(session.argmax(counts, mechanism="gnmax", sigma=40.0, sensitivity=sens)) in (0, 1)
   True
   >>> len(session.answers), round(session.epsilon, 3)
   (1, 0.125)
   """
 
-  def __init__(self, *, epsilon_budget: float, key: jax.Array,
-               delta: float | None = None, accounting: str = "rdp"):
-    _validate.positive("epsilon_budget", epsilon_budget)
+  def __init__(self, *, key: jax.Array, epsilon_budget: float | None = None,
+               delta: float | None = None, accounting: str = "rdp",
+               budget: budget_lib.PrivacyBudget | None = None):
     _validate.one_of("accounting", accounting, ACCOUNTING)
-    if accounting == "rdp":
-      if delta is None or not 0 < delta < 1:
-        raise ValueError(f"delta={delta!r} must be in (0, 1) for accounting='rdp'")
-    elif delta not in (None, 0, 0.0):
-      raise ValueError(f"delta={delta!r} must be None or 0 for accounting='pure'")
-    self.epsilon_budget = float(epsilon_budget)
-    self.delta = delta
-    self.accounting = accounting
-    self.answers: list[Answer] = []
+    if budget is None:
+      _validate.positive("epsilon_budget", epsilon_budget)
+      if accounting == "rdp":
+        if delta is None or not 0 < delta < 1:
+          raise ValueError(f"delta={delta!r} must be in (0, 1) for accounting='rdp'")
+      elif delta not in (None, 0, 0.0):
+        raise ValueError(f"delta={delta!r} must be None or 0 for accounting='pure'")
+      budget = budget_lib.PrivacyBudget(
+          epsilon=epsilon_budget, delta=delta or 0.0,
+          composition="basic" if accounting == "pure" else "accountant")
+    elif epsilon_budget is not None or delta is not None:
+      raise ValueError("give either budget or epsilon_budget/delta, not both")
+    self.budget = budget
+    self.accounting = "pure" if budget.delta == 0 else accounting
+    self.answers: list[budget_lib.Answer] = []
     self._key = key
-    self._accountant = dp_accounting.rdp.RdpAccountant()
-    self._pure_epsilon = 0.0
+
+  @property
+  def epsilon_budget(self) -> float:
+    return self.budget.epsilon
+
+  @property
+  def delta(self) -> float:
+    return self.budget.delta
 
   @property
   def events(self) -> list[dp_accounting.DpEvent]:
@@ -569,38 +569,22 @@ class QuerySession:
 
   @property
   def epsilon(self) -> float:
-    """Epsilon spent so far (at ``delta`` for rdp accounting)."""
-    if self.accounting == "pure":
-      return self._pure_epsilon
-    return float(self._accountant.get_epsilon(self.delta))
+    """Epsilon spent so far on the budget (at ``delta`` for rdp accounting)."""
+    return self.budget.spent_epsilon
 
-  def epsilon_after(self, event: dp_accounting.DpEvent | None = None, *,
-                    pure_epsilon: float | None = None) -> float:
-    """The epsilon the session would have spent after a query of this cost."""
-    if self.accounting == "pure":
-      if pure_epsilon is None:
-        raise ValueError("pure_epsilon=None: accounting='pure' needs it "
-                         "(see pure_epsilon_of)")
-      return self._pure_epsilon + _validate.non_negative("pure_epsilon", pure_epsilon)
-    if event is None:
-      raise ValueError("event=None: accounting='rdp' needs the DpEvent (see cost_of)")
-    accountant = copy.deepcopy(self._accountant)
-    accountant.compose(event)
-    return float(accountant.get_epsilon(self.delta))
-
-  def can_afford(self, event: dp_accounting.DpEvent | None = None, *,
-                 pure_epsilon: float | None = None) -> bool:
-    return self.epsilon_after(event, pure_epsilon=pure_epsilon) <= self.epsilon_budget
-
-  def _charge_first(self, event, pure_epsilon, mechanism):
+  def _check(self, event, pure_epsilon, mechanism) -> None:
     if self.accounting == "pure" and pure_epsilon is None:
       raise ValueError(f"mechanism={mechanism!r} has no pure-DP bound; use "
                        "accounting='rdp'")
-    after = self.epsilon_after(event, pure_epsilon=pure_epsilon)
-    if after > self.epsilon_budget:
-      raise BudgetExceededError(
-          f"a {mechanism} query would bring epsilon from {self.epsilon:.4g} to "
-          f"{after:.4g} > epsilon_budget={self.epsilon_budget}; refused, no noise drawn")
+    self.budget.check(event, epsilon=pure_epsilon, name=mechanism)
+
+  def can_afford(self, event: dp_accounting.DpEvent, *,
+                 pure_epsilon: float | None = None) -> bool:
+    try:
+      self.budget.check(event, epsilon=pure_epsilon)
+    except budget_lib.BudgetExceededError:
+      return False
+    return True
 
   def _key_for(self, index: int) -> jax.Array:
     return jax.random.fold_in(self._key, index)
@@ -609,11 +593,9 @@ class QuerySession:
     # One index per answered call; refused calls draw nothing and take none.
     return self._key_for(len(self.answers))
 
-  def _record(self, answer: Answer, pure_epsilon: float | None):
-    self._accountant.compose(answer.event)
-    if pure_epsilon is not None:
-      self._pure_epsilon += pure_epsilon
-    self.answers.append(answer)
+  def _record(self, mechanism, value, event, pure_epsilon):
+    self.budget.spend(event, epsilon=pure_epsilon, name=mechanism)
+    self.answers.append(budget_lib.Answer(name=mechanism, value=value, event=event))
 
   def top_k(self, scores, k: int, *, mechanism: str, epsilon: float | None = None,
             sigma: float | None = None, sensitivity: Sensitivity,
@@ -622,15 +604,16 @@ class QuerySession:
     num_queries = max(math.prod(np.shape(scores)[:-1]), 1)
     event = cost_of(mechanism, epsilon=epsilon, sigma=sigma, sensitivity=sensitivity,
                     k=k, num_queries=num_queries, monotonic=monotonic)
-    pure = (None if mechanism == "gaussian" else
+    pure = (None if mechanism == "gnmax" else
             pure_epsilon_of(mechanism, epsilon=epsilon, k=k, num_queries=num_queries))
-    self._charge_first(event, pure, mechanism)
+    self._check(event, pure, mechanism)
     top, realised = noisy_top_k(scores, k, mechanism=mechanism, epsilon=epsilon,
                                 sigma=sigma, sensitivity=sensitivity,
                                 key=self._next_key(), monotonic=monotonic)
     assert realised == event
-    self._record(Answer(mechanism, np.asarray(top), event), pure)
-    return np.asarray(top)
+    top = np.asarray(top)
+    self._record(mechanism, top, event, pure)
+    return top
 
   def argmax(self, scores, **kwargs) -> np.ndarray:
     """``noisy_argmax`` within the budget (same keywords as ``top_k``)."""
@@ -651,10 +634,10 @@ class QuerySession:
     worst = confident_cost_of(sigma_threshold=sigma_threshold, sigma=sigma,
                               sensitivity=sensitivity, num_queries=num_queries,
                               num_answered=num_queries)
-    self._charge_first(worst, None, "confident_gnmax")
+    self._check(worst, None, "confident_gnmax")
     answered, choice, event = confident_gnmax(
         scores, threshold=threshold, sigma_threshold=sigma_threshold, sigma=sigma,
         sensitivity=sensitivity, key=self._next_key())
     answered, choice = np.asarray(answered), np.asarray(choice)
-    self._record(Answer("confident_gnmax", choice, event, answered), None)
+    self._record("confident_gnmax", choice, event, None)
     return answered, choice

@@ -174,11 +174,20 @@ def for_run(workdir: str | pathlib.Path, *, reproducible_seed: int | None,
   Raises:
     MissingSecretError: resuming a secret run whose secret file is gone (fresh
       noise would silently change what the released checkpoints mean).
+    ValueError: a secret exists but there is nothing to resume: a new run
+      must never reuse another's noise (two runs with the same noise on
+      different data would let anyone subtract it).
   """
   if reproducible_seed is not None:
     return RunSecret.from_seed(reproducible_seed)
   path = RunSecret.path(workdir)
   if path.exists():
+    if not resuming:
+      raise ValueError(
+          f"{str(workdir)!r} holds a run secret but no checkpoint to resume: an "
+          "earlier run started here. A new run must not reuse its noise; delete "
+          f"{str(workdir)!r} (nothing of that attempt was released) or use a new "
+          "--workdir.")
     return RunSecret.load(workdir)
   if resuming:
     raise MissingSecretError(

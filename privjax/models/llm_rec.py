@@ -1,12 +1,12 @@
 """A text recommender: the user's history as text -> BERT -> scores over items.
 
 A user's recent history is rendered as titles, most recent last
-(``"Toy Story (1995); GoldenEye (1995); ..."``), tokenised keeping the most
-recent tokens, encoded by a (pretrained) BERT encoder and mean-pooled into a
-text embedding. A head turns it into a unit user vector and scores it against
-every item. Items are represented by their titles, encoded once by the same
-pretrained encoder and cached (titles are public, so the cache is too), plus an
-optional learned item-ID embedding.
+(``"Toy Story (1995); GoldenEye (1995); ..."``, see ``llm_examples``),
+tokenised keeping the most recent tokens, encoded by a (pretrained) BERT
+encoder and mean-pooled into a text embedding. A head turns it into a unit
+user vector and scores it against every item. Items are represented by their
+titles, encoded once by the same pretrained encoder and cached (titles are
+public, so the cache is too), plus an optional learned item-ID embedding.
 
 Scoring. With ``u = normalize(user_proj(pooled))`` (unit length), ``c_j`` the
 L2-normalised cached title embedding of item ``j`` and ``K`` the
@@ -50,12 +50,8 @@ Everything acts on the last axes: one unbatched example (``input_ids`` of shape
 ``(T,)``) and a batch ``(B, T)`` give the same per-row scores, so the DP code
 can ``vmap`` over examples. No op mixes examples.
 
-Head-only training need not run the encoder at every step: with the encoder
-frozen, ``head_examples`` precomputes each example's pooled text embedding
-once and a ``RecHead`` trains on those (see ``precompute_user_embeddings``
-for why that is still DP). MovieLens titles take 7 word pieces on average
-(27 at most) plus one for the separator, so 64 tokens hold the last 7 or 8
-items of a history.
+Training and evaluation examples (histories as text, and the precomputed
+pooled embeddings of head-only training): ``privjax.models.llm_examples``.
 """
 
 import dataclasses
@@ -69,15 +65,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from privjax.models import bert
+from privjax.models import bert_hf
 from privjax.models import losses
 from privjax.models import nn
-from privjax.data import sequences
-from privjax.models import bert
 
 TokenBatch = dict[str, Any]
 
 SCHEMES = ("full", "last_k", "lora", "head")
-_SEPARATOR = "; "
 
 
 class Cache(nnx.Variable):
@@ -149,7 +144,8 @@ class RecHead(nnx.Module):
 
   On its own it is the head-only recommender: an example carries the
   precomputed pooled text embedding (``{"pooled": [hidden], "target": ...}``,
-  see ``head_examples``), so DP training touches only these few parameters.
+  see ``llm_examples.head_examples``), so DP training touches only these few
+  parameters.
 
   >>> config = LLMRecConfig(bert=bert.BertConfig.tiny(), num_items=6)
   >>> head = RecHead(config, jnp.ones((6, 32)), rngs=nnx.Rngs(0))
@@ -316,149 +312,7 @@ def trainable_filter(scheme: str, *, num_layers: int | None = None,
 
 
 # ----------------------------------------------------------------------------
-# Text: rendering and tokenisation.
-
-
-def render_history(titles: Sequence[str], item_ids_0based: Sequence[int], *,
-                   max_items: int) -> str:
-  """Titles of the last ``max_items`` items, oldest first, ``"; "``-joined.
-
-  >>> render_history(["Toy Story (1995)", "GoldenEye (1995)", "Heat (1995)"],
-  ...                [2, 0, 1], max_items=2)
-  'Toy Story (1995); GoldenEye (1995)'
-  """
-  if max_items <= 0:
-    raise ValueError(f"max_items={max_items} must be > 0")
-  recent = list(item_ids_0based)[-max_items:]
-  return _SEPARATOR.join(titles[int(i)] for i in recent)
-
-
-def encode_histories(tokenizer, texts: Sequence[str],
-                     max_tokens: int) -> dict[str, np.ndarray]:
-  """Tokenises, keeping ``[CLS]`` + the LAST ``max_tokens - 2`` tokens + ``[SEP]``.
-
-  HF tokenizers truncate on the right by default, which would drop the most
-  recent items; here the text is tokenised whole and cut on the left by hand
-  (the tokenizer object is not modified). A cut may split the oldest kept
-  title. Rows are right-padded with the pad token to ``max_tokens``.
-
-  Returns:
-    ``input_ids`` and ``attention_mask``, int32 ``[len(texts), max_tokens]``.
-
-  >>> tok = bert.load_tokenizer(bert.minilm_path())  # doctest: +SKIP
-  >>> encode_histories(tok, ["a b c d"], 4)["input_ids"]  # doctest: +SKIP
-  array([[ 101, 1039, 1040,  102]], dtype=int32)
-  """
-  if max_tokens < 3:
-    raise ValueError(f"max_tokens={max_tokens} must be >= 3 ([CLS], one "
-                     "token, [SEP])")
-  special = {"cls_token_id": tokenizer.cls_token_id,
-             "sep_token_id": tokenizer.sep_token_id,
-             "pad_token_id": tokenizer.pad_token_id}
-  missing = [k for k, v in special.items() if v is None]
-  if missing:
-    raise ValueError(f"tokenizer lacks {missing}")
-  texts = list(texts)
-  input_ids = np.full((len(texts), max_tokens), special["pad_token_id"], np.int32)
-  mask = np.zeros((len(texts), max_tokens), np.int32)
-  if not texts:
-    return {"input_ids": input_ids, "attention_mask": mask}
-  bodies = tokenizer(texts, add_special_tokens=False)["input_ids"]
-  keep = max_tokens - 2
-  for row, body in enumerate(bodies):
-    ids = ([special["cls_token_id"]] + list(body[-keep:])
-           + [special["sep_token_id"]])
-    input_ids[row, :len(ids)] = ids
-    mask[row, :len(ids)] = 1
-  return {"input_ids": input_ids, "attention_mask": mask}
-
-
-def history_text_examples(
-    train: Sequence[np.ndarray], titles: Sequence[str], tokenizer, *,
-    max_tokens: int, max_items: int, max_positions_per_user: int,
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-  """Next-item training examples with the history as text.
-
-  Like ``sequences.next_item_examples``: position ``t`` of a user's training
-  sequence gives the example ``seq[:t] -> seq[t]``, but only the last
-  ``max_positions_per_user`` positions of each user are kept (tokenising every
-  prefix of every user would dominate the run). The choice depends on the
-  user's own sequence only; contribution bounding stays with the trainer.
-
-  Returns:
-    (examples, user_of_row): ``input_ids``, ``attention_mask`` int32
-    ``[N, max_tokens]``, ``target`` int32 ``[N]`` (0-based), and the user of
-    each row.
-
-  >>> tok = bert.load_tokenizer(bert.minilm_path())  # doctest: +SKIP
-  >>> ex, users = history_text_examples([np.array([0, 1, 2])], ["a", "b", "c"],
-  ...     tok, max_tokens=8, max_items=5, max_positions_per_user=1)  # doctest: +SKIP
-  >>> ex["target"].tolist(), users.tolist()  # doctest: +SKIP
-  ([2], [0])
-  """
-  if max_positions_per_user <= 0:
-    raise ValueError(f"max_positions_per_user={max_positions_per_user} must "
-                     "be > 0")
-  texts, targets, users = [], [], []
-  for u, seq in enumerate(train):
-    for t in range(max(1, len(seq) - max_positions_per_user), len(seq)):
-      texts.append(render_history(titles, seq[:t], max_items=max_items))
-      targets.append(seq[t])
-      users.append(u)
-  if not texts:
-    raise ValueError("no training examples: every user has < 2 training items")
-  examples = encode_histories(tokenizer, texts, max_tokens)
-  examples["target"] = np.asarray(targets, np.int32)
-  return examples, np.asarray(users, np.int32)
-
-
-def eval_text_inputs(eval_set: sequences.EvalSet, titles: Sequence[str],
-                     tokenizer, *, max_tokens: int,
-                     max_items: int) -> dict[str, np.ndarray]:
-  """Tokenised histories ``[B, max_tokens]`` for an ``EvalSet``.
-
-  The items come from ``eval_set.history`` (shifted ids, 0 = padding), so it
-  must be at least ``max_items`` wide, or evaluation would see shorter
-  histories than training.
-
-  >>> tok = bert.load_tokenizer(bert.minilm_path())  # doctest: +SKIP
-  """
-  width = eval_set.history.shape[1]
-  if max_items > width:
-    raise ValueError(f"max_items={max_items} exceeds the eval history width "
-                     f"{width}; build the EvalSet with max_len >= max_items")
-  texts = [render_history(titles, row[row != sequences.PAD] - 1,
-                          max_items=max_items) for row in eval_set.history]
-  return encode_histories(tokenizer, texts, max_tokens)
-
-
-# ----------------------------------------------------------------------------
-# Encoding in batches (titles, and user histories for head-only training).
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _embed(graphdef, state, ids_BxT, mask_BxT):
-  encoder = nnx.merge(graphdef, state)
-  return bert.mean_pool(encoder(ids_BxT, mask_BxT), mask_BxT)
-
-
-def _pooled_embeddings(encoder: bert.BertEncoder, input_ids: np.ndarray,
-                       attention_mask: np.ndarray,
-                       batch_size: int) -> np.ndarray:
-  if batch_size <= 0:
-    raise ValueError(f"batch_size={batch_size} must be > 0")
-  graphdef, state = nnx.split(encoder)
-  out = []
-  for start in range(0, len(input_ids), batch_size):
-    ids = np.asarray(input_ids[start:start + batch_size])
-    mask = np.asarray(attention_mask[start:start + batch_size])
-    real = len(ids)
-    if real < batch_size:  # Pad the last chunk: one shape, one compile.
-      pad = ((0, batch_size - real), (0, 0))
-      ids, mask = np.pad(ids, pad), np.pad(mask, pad)
-    out.append(np.asarray(_embed(graphdef, state, ids, mask))[:real])
-  hidden = encoder.config.hidden_size
-  return np.concatenate(out) if out else np.zeros((0, hidden), np.float32)
+# Encoding titles in batches.
 
 
 def encode_titles(encoder: bert.BertEncoder, tokens: TokenBatch, *,
@@ -471,50 +325,8 @@ def encode_titles(encoder: bert.BertEncoder, tokens: TokenBatch, *,
   >>> encode_titles(encoder, tokens).shape
   (1, 32)
   """
-  return _pooled_embeddings(encoder, tokens["input_ids"],
-                            tokens["attention_mask"], batch_size)
-
-
-def precompute_user_embeddings(model: LLMRecommender, tokens: TokenBatch, *,
-                               batch_size: int = 64) -> np.ndarray:
-  """Pooled text embeddings ``[N, hidden]`` of tokenised histories.
-
-  Privacy: with the encoder frozen, ``pooled_i`` is a fixed function of
-  example ``i`` alone (the encoder is public pretrained weights, or a
-  DP-trained release accounted for separately). DP-SGD on the head over
-  ``(pooled_i, target_i)`` therefore gives the same (epsilon, delta)
-  guarantee, for the same unit of privacy, as over the raw examples:
-  neighbouring datasets map to neighbouring datasets. Only valid when
-  nothing but the head trains on them. The embeddings are as private as the
-  histories: never release or log them.
-
-  >>> model = build_random(bert.BertConfig.tiny(), num_items=7, rngs=nnx.Rngs(0))
-  >>> tokens = {"input_ids": np.array([[2, 5, 7, 0]]),
-  ...           "attention_mask": np.array([[1, 1, 1, 0]])}
-  >>> precompute_user_embeddings(model, tokens).shape
-  (1, 32)
-  """
-  return _pooled_embeddings(model.encoder, tokens["input_ids"],
-                            tokens["attention_mask"], batch_size)
-
-
-def head_examples(model: LLMRecommender, examples: dict[str, np.ndarray], *,
-                  batch_size: int = 64) -> dict[str, np.ndarray]:
-  """``{"pooled": float32 [N, hidden], "target": [N]}`` for training ``model.head``.
-
-  See ``precompute_user_embeddings`` for why this is private when only the
-  head trains. After training, ``model.head`` (shared, not copied) scores
-  tokenised histories with the full model.
-
-  >>> model = build_random(bert.BertConfig.tiny(), num_items=7, rngs=nnx.Rngs(0))
-  >>> ex = {"input_ids": np.array([[2, 5, 7, 0]]),
-  ...       "attention_mask": np.array([[1, 1, 1, 0]]), "target": np.array([3])}
-  >>> sorted(head_examples(model, ex))
-  ['pooled', 'target']
-  """
-  pooled = precompute_user_embeddings(model, examples, batch_size=batch_size)
-  return {"pooled": pooled.astype(np.float32),
-          "target": np.asarray(examples["target"], np.int32)}
+  return bert.pooled_embeddings(encoder, tokens["input_ids"],
+                                tokens["attention_mask"], batch_size=batch_size)
 
 
 # ----------------------------------------------------------------------------
@@ -533,14 +345,14 @@ def build(model_dir: str | os.PathLike, *, titles: Sequence[str],
   Loads the weights (without pooler) and tokenizer from ``model_dir``,
   encodes every title once with the pretrained encoder (before any LoRA
   adapter, which starts at zero anyway) and caches the embeddings. The
-  tokenizer for the histories is ``bert.load_tokenizer(model_dir)``.
+  tokenizer for the histories is ``bert_hf.load_tokenizer(model_dir)``.
 
-  >>> model = build(bert.minilm_path(), titles=["Heat (1995)"],
+  >>> model = build(bert_hf.minilm_path(), titles=["Heat (1995)"],
   ...               rngs=nnx.Rngs(0))  # doctest: +SKIP
   """
-  bert_config, encoder = bert.load_hf_weights(model_dir, with_pooler=False)
-  tokenizer = bert.load_tokenizer(model_dir)
-  title_tokens = bert.encode_texts(tokenizer, titles, title_max_tokens)
+  bert_config, encoder = bert_hf.load_hf_weights(model_dir, with_pooler=False)
+  tokenizer = bert_hf.load_tokenizer(model_dir)
+  title_tokens = bert_hf.encode_texts(tokenizer, titles, title_max_tokens)
   return _assemble(
       bert_config, encoder, title_tokens, titles_count=len(titles),
       num_items=num_items, proj_dim=proj_dim, use_id_head=use_id_head,

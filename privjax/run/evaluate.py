@@ -11,6 +11,7 @@ written as ``nonprivate/eval/...`` in metrics.jsonl).
 
 import math
 import pathlib
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -84,28 +85,98 @@ def popularity_metrics(cfg: config_lib.Config, split: sequences.Split,
   return item_scores_metrics(cfg, split, counts, which)
 
 
+def dp_popularity_counts(split: sequences.Split, ds: dataset_lib.RecDataset, *,
+                         epsilon: float, delta: float | None, seed: int | None,
+                         max_items_per_user: int = 20,
+                         mechanism: str | None = None) -> np.ndarray:
+  """DP item popularity of the training sequences (``aggregates.dp_item_popularity``).
+
+  User-level (epsilon, delta)-DP, each user in at most ``max_items_per_user``
+  items chosen by a keyed hash of the raw user id; discrete Gaussian when
+  ``delta`` is given. ``epsilon = inf`` gives the plain counts. ``seed=None``
+  draws the noise and the bounding key from the OS; an int makes them
+  reproducible (a simulation, NOT a release).
+  """
+  lengths = [len(t) for t in split.train]
+  dense = np.repeat(np.arange(len(lengths)), lengths)
+  item = (np.concatenate(split.train) if sum(lengths) else np.zeros(0)).astype(np.int64)
+  if math.isinf(epsilon):
+    return np.bincount(item, minlength=ds.num_items).astype(np.float32)
+  user = np.asarray(ds.raw_user_ids)[dense]
+  counts, _ = aggregates.dp_item_popularity(
+      user, item, num_items=ds.num_items, max_items_per_user=max_items_per_user,
+      epsilon=epsilon, delta=delta, mechanism=mechanism, rng=seed, seed=seed)
+  return counts
+
+
 def dp_popularity_metrics(cfg: config_lib.Config, split: sequences.Split,
                           ds: dataset_lib.RecDataset, *, epsilon: float,
                           delta: float | None, seed: int | None,
                           max_items_per_user: int = 20) -> dict[str, float]:
-  """The DP popularity recommender, same protocol as ``popularity_metrics``.
-
-  Item counts from the training sequences with each user in at most
-  ``max_items_per_user`` items, released by ``aggregates.dp_item_popularity``
-  (user-level (epsilon, delta)-DP; discrete Gaussian when delta is given).
-  ``epsilon = inf`` gives the plain (non-private) counts. ``seed=None`` draws
-  the noise and the bounding key from the OS; an int makes them reproducible
-  (a simulation, not a release).
-  """
-  user = np.concatenate([np.full(len(s), u) for u, s in enumerate(split.train)])
-  item = np.concatenate(split.train)
-  if math.isinf(epsilon):
-    counts = np.bincount(item, minlength=ds.num_items).astype(np.float32)
-  else:
-    counts, _ = aggregates.dp_item_popularity(
-        user, item, num_items=ds.num_items, max_items_per_user=max_items_per_user,
-        epsilon=epsilon, delta=delta, rng=seed, seed=seed)
+  """The DP popularity recommender (``dp_popularity_counts``), test metrics."""
+  counts = dp_popularity_counts(split, ds, epsilon=epsilon, delta=delta, seed=seed,
+                                max_items_per_user=max_items_per_user)
   return item_scores_metrics(cfg, split, counts, "test")
+
+
+def popularity_study(ds: dataset_lib.RecDataset, *, epsilons: Iterable[float],
+                     seeds: Iterable[int], max_items_per_user: int,
+                     delta: float | None = None, mechanism: str | None = None,
+                     k: int = 10) -> dict:
+  """Test HR@k / NDCG@k of DP popularity at each epsilon, over seeds.
+
+  Seed s fixes the bounding key and the noise (a simulation). The metrics
+  are computed from the users' test items without noise (not private).
+
+  Returns:
+    {"dataset", "max_items_per_user", "delta", "mechanism", "k",
+     "nonprivate": {"hr", "ndcg"}, "dp": [{"epsilon", "hr", "ndcg" (lists over
+     seeds), "hr_mean", "hr_std", "ndcg_mean", "ndcg_std"}]}; std has ddof=1.
+  """
+  cfg = config_lib.Config(eval=config_lib.EvalConfig(k=k))
+  split = sequences.leave_last_out(ds)
+
+  def metrics(counts):
+    m = item_scores_metrics(cfg, split, counts, "test")
+    return m[f"hr@{k}"], m[f"ndcg@{k}"]
+
+  hr, ndcg = metrics(dp_popularity_counts(split, ds, epsilon=math.inf, delta=None,
+                                          seed=None))
+  out = {"dataset": ds.name, "max_items_per_user": max_items_per_user,
+         "delta": delta or 0.0, "mechanism": mechanism, "k": k,
+         "nonprivate": {"hr": hr, "ndcg": ndcg}, "dp": []}
+  seeds = list(seeds)
+  for epsilon in epsilons:
+    pairs = [metrics(dp_popularity_counts(
+        split, ds, epsilon=epsilon, delta=delta, seed=seed, mechanism=mechanism,
+        max_items_per_user=max_items_per_user)) for seed in seeds]
+    hrs, ndcgs = [h for h, _ in pairs], [n for _, n in pairs]
+    ddof = 1 if len(seeds) > 1 else 0
+    out["dp"].append({"epsilon": epsilon, "hr": hrs, "ndcg": ndcgs,
+                      "hr_mean": float(np.mean(hrs)), "hr_std": float(np.std(hrs, ddof=ddof)),
+                      "ndcg_mean": float(np.mean(ndcgs)),
+                      "ndcg_std": float(np.std(ndcgs, ddof=ddof))})
+  return out
+
+
+def popularity_table(result: dict) -> str:
+  """A ``popularity_study`` result as a markdown table, with its protocol."""
+  k, m, delta = result["k"], result["max_items_per_user"], result["delta"]
+  mech = result["mechanism"] or ("discrete_gaussian" if delta else "discrete_laplace")
+  seeds = len(result["dp"][0]["hr"]) if result["dp"] else 0
+  lines = [
+      f"DP popularity on {result['dataset']}: user-level, each user in at most "
+      f"M={m} training items, {mech}, delta={delta:g}; leave-last-out test, full "
+      f"ranking over unseen items; mean +- std over {seeds} seeds (seeded noise: "
+      "a simulation)", "",
+      f"| model | epsilon | HR@{k} | NDCG@{k} |", "|---|---:|---:|---:|",
+      f"| popularity (non-private) | inf | {result['nonprivate']['hr']:.4f} | "
+      f"{result['nonprivate']['ndcg']:.4f} |"]
+  for row in result["dp"]:
+    lines.append(f"| DP popularity (M={m}) | {row['epsilon']:g} | "
+                 f"{row['hr_mean']:.4f} +- {row['hr_std']:.4f} | "
+                 f"{row['ndcg_mean']:.4f} +- {row['ndcg_std']:.4f} |")
+  return "\n".join(lines)
 
 
 def evaluate_workdir(workdir: str | pathlib.Path) -> dict[str, Any]:

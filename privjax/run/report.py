@@ -1,9 +1,14 @@
-"""What a run writes for people: privacy.json, report.md, results.json, the summary.
+"""What a run writes: the released files, the researcher's files, the summary.
 
-Released: privacy.json (the plan's statement), report.md, results.json and
-metrics.jsonl. None of them holds the run secret or the exact number of
-private units (under add/remove-one DP); values marked ``nonprivate`` are
-computed from the data without noise and are not covered by the guarantee.
+A run directory has two halves. Released (covered by the guarantee):
+config.json, privacy.json, metrics.jsonl (step, epsilon, noise std, sparsity:
+public values only) and checkpoints/. Never to be released: secret/ (the run
+secret) and nonprivate/ (metrics.jsonl with the training loss, clipped
+fraction, realised batch sizes and timings; results.json and report.md with
+the evaluation on the private users' held-out items). Everything in
+nonprivate/ is computed from the data without noise: it is for the
+researcher, and publishing it would break the guarantee (an evaluation
+metric like HR@10 = hits / users even reveals the number of users).
 """
 
 import json
@@ -35,6 +40,51 @@ def write_json(path: pathlib.Path, value: Any) -> None:
   path.write_text(json.dumps(value, indent=2, default=json_default))
 
 
+NONPRIVATE_DIR = "nonprivate"
+# Keys of public metrics: functions of the plan and of the (private) parameters.
+_PUBLIC_METRICS = ("step", "epsilon", "noise_stddev", "sparsity")
+
+
+class MetricsWriter:
+  """Appends records to metrics.jsonl (public) and nonprivate/metrics.jsonl.
+
+  On resume at ``start`` it drops records of steps after ``start`` (an
+  interrupted attempt's, which the resumed run logs again) and writes a
+  ``{"event": "resume"}`` marker; a fresh run starts with a header saying
+  whether it is a DP release.
+  """
+
+  def __init__(self, workdir: pathlib.Path, *, start: int, dp_release: bool,
+               reproducible: bool):
+    (workdir / NONPRIVATE_DIR).mkdir(exist_ok=True)
+    self._files = {}
+    for kind, path in (("public", workdir / "metrics.jsonl"),
+                       ("nonprivate", workdir / NONPRIVATE_DIR / "metrics.jsonl")):
+      kept = []
+      if start and path.exists():
+        kept = [line for line in path.read_text().splitlines()
+                if json.loads(line).get("step", 0) <= start]
+      path.write_text("".join(line + "\n" for line in kept))
+      self._files[kind] = path.open("a")
+    marker = ({"event": "resume", "step": start} if start else
+              {"event": "start", "step": 0, "dp_release": dp_release,
+               "reproducible_noise": reproducible})
+    self.write(marker, public=True)
+
+  def write(self, record: dict[str, Any], *, public: bool = False) -> None:
+    """Public keys go to metrics.jsonl; every other key to nonprivate/."""
+    pub = {k: v for k, v in record.items() if public or k in _PUBLIC_METRICS}
+    rest = {k: v for k, v in record.items() if k not in pub or k == "step"}
+    for kind, rec in (("public", pub), ("nonprivate", rest)):
+      if set(rec) - {"step"}:
+        self._files[kind].write(json.dumps(rec, default=json_default) + "\n")
+        self._files[kind].flush()
+
+  def close(self) -> None:
+    for f in self._files.values():
+      f.close()
+
+
 def privacy_line(plan: plan_lib.Plan, result: dict[str, Any],
                  workdir: pathlib.Path) -> str:
   """The privacy part of the printed summary: epsilon, and where the secret is."""
@@ -56,6 +106,9 @@ def report_md(cfg: config_lib.Config, plan: plan_lib.Plan, r: dict[str, Any]) ->
   lines = [f"# privjax run: {cfg.name}", ""]
   if plan.private:
     relation = {"add_remove": "add/remove", "replace_one": "replace"}[plan.relation]
+    if plan.secret.reproducible:
+      lines.append("- NOT A DP RELEASE: " + secret_lib.REPRODUCIBLE_WARNING.format(
+          seed=plan.secret.reproducible_seed) + " Were its noise secret:")
     lines.append(
         f"- Privacy: ({r['epsilon']:.3f}, {plan.delta:.0e})-DP for {relation} one "
         f"{plan.unit} ({plan.accountant.upper()} accountant), Poisson sampling "
@@ -68,6 +121,7 @@ def report_md(cfg: config_lib.Config, plan: plan_lib.Plan, r: dict[str, Any]) ->
     lines.append("- Privacy: NONE. This run is not differentially private.")
   lines += [
       f"- Stopped: {r['stop_reason']}.",
+      "- This file is in nonprivate/: it is for the researcher, NOT for release.",
       "- Not covered by the guarantee (computed from private data without noise):",
       f"  - test, full ranking over unseen items: HR@{k}={r['test'][f'hr@{k}']:.4f}, "
       f"NDCG@{k}={r['test'][f'ndcg@{k}']:.4f};",
@@ -75,21 +129,22 @@ def report_md(cfg: config_lib.Config, plan: plan_lib.Plan, r: dict[str, Any]) ->
       f"NDCG@{k}={r['valid'][f'ndcg@{k}']:.4f};",
       f"  - training time {r['nonprivate/train_seconds']:.1f} s (it depends on the "
       "realised batch sizes).",
-      "", "Files: config.json, privacy.json, metrics.jsonl, checkpoints/ (released); "
-      "secret/ (never released).", ""]
+      "", "Released: config.json, privacy.json, metrics.jsonl, checkpoints/. "
+      "Never released: secret/, nonprivate/.", ""]
   return "\n".join(lines)
 
 
 def write_run_files(workdir: pathlib.Path, cfg: config_lib.Config, plan: plan_lib.Plan,
                     steps_done: int, extra: dict[str, Any],
                     results: dict[str, Any]) -> None:
-  """privacy.json, report.md and results.json of a finished run."""
+  """privacy.json (released); nonprivate/report.md and results.json."""
   write_json(workdir / "privacy.json", plan.statement(steps_done, extra))
-  (workdir / "report.md").write_text(report_md(cfg, plan, results))
+  (workdir / NONPRIVATE_DIR).mkdir(exist_ok=True)
+  (workdir / NONPRIVATE_DIR / "report.md").write_text(report_md(cfg, plan, results))
   # The number of evaluated users is (almost) the private N: not written.
   public = {k: ({m: x for m, x in v.items() if m != "num_users"}
                 if k in ("valid", "test") else v) for k, v in results.items()}
-  write_json(workdir / "results.json",
+  write_json(workdir / NONPRIVATE_DIR / "results.json",
              {k: (finite_or_str(v) if isinstance(v, float) else v)
               for k, v in public.items()})
 
@@ -102,6 +157,8 @@ def summary_table(cfg: config_lib.Config, rows: dict[str, Any]) -> str:
     if name == "dp":
       label = (f"{cfg.model.name} DP-SGD ({r['unit']}-level)" if r["private"]
                else cfg.model.name)
+      if r["private"] and not r["dp_release"]:
+        label = f"{cfg.model.name} DP-SGD, REPRODUCIBLE noise"
       eps = f"{r['epsilon']:.3f}" if math.isfinite(r["epsilon"]) else "inf"
     elif name == "nonprivate":
       label, eps = f"{cfg.model.name} non-private", "inf"

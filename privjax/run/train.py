@@ -12,18 +12,18 @@
   6. Train     Poisson-sampled padded batches -> step -> metrics.jsonl,
                checkpoints; stop before a step that would exceed the budget.
   7. Evaluate  full-ranking HR@k / NDCG@k (not covered by the guarantee).
-  8. Report    privacy.json, report.md, results.json.
+  8. Report    privacy.json; nonprivate/report.md, results.json.
 
 All I/O lives here; the step itself is pure.
 """
 
 import json
-import math
 import pathlib
 import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import tqdm
@@ -116,29 +116,27 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str | pathlib.Path, *,
   start = 0
   if resuming and ckpt.latest_step() is not None:
     restored, meta = ckpt.restore(ckpt.latest_step(), state)
-    if meta.get("secret_fingerprint") != secret.fingerprint:
-      raise ValueError(f"the checkpoints in {str(workdir)!r} were made with another "
-                       "run secret than the one found; resuming would mix two noise "
-                       "streams. Restore the original secret/ or use a new --workdir.")
+    _check_resume(meta, secret, plan, workdir)
     state, start = jax.device_put(restored, replicated), int(meta["steps_done"])
     print(f"privjax: resumed {workdir} at step {start} "
           f"(epsilon spent so far {meta['epsilon']})")
 
+  dp_release = plan.private and not secret.reproducible
+
   def save(step: int):
     ckpt.save(step, state, {
         "steps_done": step, "epsilon": report.finite_or_str(plan.epsilon(step)),
-        "secret_fingerprint": secret.fingerprint,
+        "secret_fingerprint": secret.fingerprint, "dp_release": dp_release,
+        "reproducible_noise": secret.reproducible,
+        "noisy_num_units": plan.noisy_num_units,
         "privacy": {"noise_multiplier": plan.noise_multiplier,
                     "sampling_prob": plan.sampling_prob, "delta": plan.delta,
                     "accountant": plan.accountant}})
 
   # 6. Train.
-  metrics_file = (workdir / "metrics.jsonl").open("a")
-
-  def write(record: dict[str, Any]):
-    metrics_file.write(json.dumps(record, default=report.json_default) + "\n")
-    metrics_file.flush()
-
+  writer = report.MetricsWriter(workdir, start=start, dp_release=dp_release,
+                                reproducible=secret.reproducible)
+  write = writer.write
   stop_reason, last_metrics, t_loop = "completed", {}, time.time()
   bar = tqdm.tqdm(total=plan.steps, initial=start, disable=not show_progress,
                   desc=cfg.name, dynamic_ncols=True)
@@ -153,8 +151,10 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str | pathlib.Path, *,
     done = step + 1
     if done % max(cfg.train.log_every, 1) == 0 or done == plan.steps:
       last_metrics = {k: float(v) for k, v in m.items()}
-      if not math.isfinite(last_metrics["nonprivate/loss"]):
-        stop_reason = f"non-finite loss at step {done}"
+      # Stop on non-finite PARAMETERS (post-processing of the DP release), not
+      # on the non-private loss, whose finiteness depends on the data.
+      if not all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state.params)):
+        stop_reason = f"non-finite parameters at step {done}"
         break
       eps = plan.epsilon(done)
       if schedule is not None:
@@ -189,11 +189,12 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str | pathlib.Path, *,
              for which in ("valid", "test")}
   for which in ("valid", "test"):
     write({"step": steps_done, **_eval_record(which, results[which])})
-  metrics_file.close()
+  writer.close()
 
   # 8. Report.
   results.update({
-      "name": cfg.name, "private": plan.private, "unit": plan.unit,
+      "name": cfg.name, "private": plan.private, "dp_release": dp_release,
+      "unit": plan.unit,
       "epsilon": plan.epsilon(steps_done), "delta": plan.delta,
       "noise_multiplier": plan.noise_multiplier, "steps": steps_done,
       "stop_reason": stop_reason, "nonprivate/train_seconds": train_time,
@@ -206,6 +207,20 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str | pathlib.Path, *,
       "epsilon_budget": plan.epsilon_budget, "target_epsilon": p.target_epsilon,
       "stop_reason": stop_reason}, results)
   return {**results, "plan": plan}
+
+
+def _check_resume(meta: dict[str, Any], secret: secret_lib.RunSecret,
+                  plan: plan_lib.Plan, workdir: pathlib.Path) -> None:
+  """Refuses a resume that would not continue the same release."""
+  if meta.get("secret_fingerprint") != secret.fingerprint:
+    raise ValueError(f"the checkpoints in {str(workdir)!r} were made with another "
+                     "run secret than the one found; resuming would mix two noise "
+                     "streams. Restore the original secret/ or use a new --workdir.")
+  if meta.get("noisy_num_units") != plan.noisy_num_units:
+    raise ValueError(
+        f"the data changed since the run in {str(workdir)!r} started: its released "
+        "DP count of units no longer matches; resuming would train on other data "
+        "under the old statement. Use a new --workdir.")
 
 
 def _eval_record(which: str, metrics: dict[str, float]) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """Pruning x int8 on ml-100k: export size and HR@10 / NDCG@10, as one table.
 
-  python scripts/compress_study.py --data-path ../shared/data/ml-100k \\
+  python studies/compression/compress_study.py --data-path ../shared/data/ml-100k \\
       [--sasrec-run DIR] [--llm-run DIR] [--runs-dir runs/compress_study]
 
 For a trained SASRec run and a trained LLM-recommender run (trained here
@@ -23,11 +23,6 @@ import pathlib
 import sys
 import time
 
-try:
-  import privjax  # noqa: F401
-except ImportError:  # running from a source checkout without `pip install -e .`
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
 from flax import nnx
 import jax
 import numpy as np
@@ -41,7 +36,7 @@ from privjax.data import sequences
 
 logging.getLogger("absl").setLevel(logging.ERROR)
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 SPARSITIES = (0.0, 0.5, 0.8, 0.9)
 
 
@@ -82,7 +77,7 @@ def study(name: str, workdir: pathlib.Path, exports_dir: pathlib.Path,
           data_path: str, sparsities) -> list[dict]:
   rows = []
   # The grid, plus int8 with per-column embedding-table scales (smaller: see
-  # privjax.export.compress) at sparsity 0.
+  # privjax.compress.serialize.compress) at sparsity 0.
   variants = [(s, int8, "row") for s in sparsities for int8 in (False, True)]
   variants.append((0.0, True, "column"))
   for sparsity, int8, table_scales in variants:

@@ -4,12 +4,12 @@ Runs in its own virtual environment::
 
   python3 -m venv /tmp/venv-jaxprivacy
   /tmp/venv-jaxprivacy/bin/pip install jax-privacy==2.0.0 flax==0.12.8
-  /tmp/venv-jaxprivacy/bin/python scripts/bench_peers/jax_privacy_bench.py --out /tmp/jp.json
+  /tmp/venv-jaxprivacy/bin/python studies/bench/peers/jax_privacy_bench.py --out /tmp/jp.json
 
 jax-privacy 2.0.0 pulls jax/jaxlib 0.10.2, optax, chex, dp-accounting 0.6.0,
 pydantic, dm-tree and scipy (the same jax as privjax). ``flax`` is added
 only so that this script can run privjax's own model code (it imports
-``scripts/bench.py``'s ``build``): the models, data and per-example losses
+``studies/bench/bench.py``'s ``build``): the models, data and per-example losses
 are then identical to privjax's, and the only difference measured is the
 DP machinery.
 
@@ -24,7 +24,7 @@ Modes:
   size, SGD. jax-privacy has no ghost clipping; this is its per-example
   clipping API.
 
-Timing and memory as in ``scripts/bench.py``: ahead-of-time compile
+Timing and memory as in ``studies/bench/bench.py``: ahead-of-time compile
 reported apart, ``nonprivate`` first, then ``vmap`` in its own block (it
 materialises per-example gradients); median over ``--steps``; peak RSS of
 each mode in a fresh subprocess after ``malloc_trim`` + VmHWM reset.
@@ -38,7 +38,6 @@ import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
-sys.path.insert(0, os.path.dirname(_HERE))                  # scripts/
 sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))  # repo root
 
 import jax  # noqa: E402

@@ -4,9 +4,9 @@ Runs in its own virtual environment, never in privjax's::
 
   python3 -m venv /tmp/venv-opacus
   /tmp/venv-opacus/bin/pip install torch==2.13.0 opacus   # CPU wheel; opacus 1.6
-  /tmp/venv-opacus/bin/python scripts/bench_peers/opacus_bench.py --out /tmp/opacus.json
+  /tmp/venv-opacus/bin/python studies/bench/peers/opacus_bench.py --out /tmp/opacus.json
 
-(``scripts/bench.py --peers`` runs it for you and prints the ratios beside
+(``studies/bench/bench.py --peers`` runs it for you and prints the ratios beside
 privjax's.) Pin torch==2.13.0 on this machine: it is the local CPU wheel, and
 any other version downloads several GB of CUDA wheels.
 
@@ -28,7 +28,7 @@ max_grad_norm 1, no Poisson sampling: the batch is fixed):
 * ``ghost``: ``grad_sample_mode="ghost"`` (fast gradient / ghost clipping,
   two backward passes through ``DPLossFastGradientClipping``).
 
-Timing mirrors ``scripts/bench.py``: the modes that keep the weights' size
+Timing mirrors ``studies/bench/bench.py``: the modes that keep the weights' size
 only (``nonprivate``, ``ghost``) run interleaved round-robin; the modes that
 materialise per-sample gradients (``hooks``, ``functorch``) run afterwards in
 their own blocks, because freeing their large buffers slows whatever step

@@ -1,6 +1,6 @@
 """The benchmark workloads as plain shapes and NumPy data: one source of truth.
 
-``scripts/bench.py`` (privjax) and the peer scripts in this folder (Opacus,
+``studies/bench/bench.py`` (privjax) and the peer scripts in this folder (Opacus,
 jax-privacy) all read their shapes and batches from here, so every framework
 trains the same architecture on the same numbers with the same loss. Only
 NumPy is imported: each peer runs in its own virtual environment.

@@ -1,6 +1,6 @@
 """The privacy-utility study: HR@10 / NDCG@10 against epsilon on MovieLens.
 
-  python scripts/sweep.py --data ../shared/data/ml-100k --out runs/sweep \
+  python studies/privacy_utility/sweep.py --data ../shared/data/ml-100k --out runs/sweep \
       [--epsilons 1,2,4,8,inf] [--seeds 0,1,2] [--models popularity,sasrec,llm]
 
 Rows: popularity (DP item counts, user-level, each user in at most 20 items,
@@ -27,11 +27,6 @@ import pathlib
 import sys
 import time
 
-try:
-  import privjax  # noqa: F401
-except ImportError:  # running from a source checkout without `pip install -e .`
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
 import numpy as np
 
 from privjax import config as config_lib
@@ -41,7 +36,7 @@ from privjax.run import workload as workload_lib
 
 logging.getLogger("absl").setLevel(logging.ERROR)
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 CONFIGS = {"sasrec": REPO / "configs" / "movielens_sasrec.py",
            "llm": REPO / "configs" / "movielens_llm.py"}
 LABELS = {"popularity": "popularity (DP counts)", "sasrec": "SASRec",

@@ -1,6 +1,6 @@
 """Private inference on ml-100k: PATE ensemble answers vs one model vs DP-SGD, one command.
 
-  python scripts/private_inference_study.py --config configs/movielens_pate.py \\
+  python studies/private_inference/study.py --config configs/movielens_pate.py \\
       [--data ../shared/data/ml-100k] [--workdir runs/private_inference]
 
 What it does (everything on the same leave-last-out split; every row is scored
@@ -10,7 +10,7 @@ last item, answers ranked among the items that user has not seen):
 1. Trains the PATE teachers (``privjax.pate.train_ensemble``: m teachers on
    disjoint user shards, vmapped, non-private) into ``WORKDIR/ensemble``.
 2. Trains the same model once without privacy and once with user-level DP-SGD
-   per epsilon (``privjax.train_lib.train_and_evaluate``) into
+   per epsilon (``privjax.run.train.train_and_evaluate``) into
    ``WORKDIR/nonprivate`` and ``WORKDIR/dpsgd_eps{E}``.
 3. Answers every test query with the ensemble's noisy top-k of the teacher
    vote histogram, for each mechanism, total epsilon E and session length Q:
@@ -37,17 +37,13 @@ import pathlib
 import sys
 import time
 
-try:
-  import privjax  # noqa: F401
-except ImportError:  # running from a source checkout without `pip install -e .`
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
 import jax
 import numpy as np
 
 from privjax import config as config_lib
 from privjax.answers import noisy_argmax
 from privjax import pate
+from privjax.answers import votes as votes_lib
 from privjax.dp import secret as secret_lib
 from privjax.run import evaluate as evaluate_lib
 from privjax.run import train as train_lib
@@ -85,7 +81,7 @@ def _parse(argv):
   parser.add_argument("--noise-seeds", type=int, default=3)
   parser.add_argument("--student-queries", type=int, default=500)
   parser.add_argument("--student-epsilon", type=float, default=8.0)
-  parser.add_argument("--student-mechanism", choices=pate.MECHANISMS, default="gumbel")
+  parser.add_argument("--student-mechanism", choices=votes_lib.MECHANISMS, default="gumbel")
   parser.add_argument("--student-steps", type=int, default=100)
   parser.add_argument("--student-batch-size", type=int, default=64)
   parser.add_argument("--fresh", action="store_true", help="retrain the ensemble")
@@ -142,7 +138,7 @@ def _sessions(counts, sensitivity, excluded, spec, *, budget, delta, num_queries
     session = noisy_argmax.QuerySession(epsilon_budget=budget, delta=delta,
                                         key=jax.random.fold_in(key, index))
     rows = slice(start, start + num_queries)
-    out.append(pate.answer(session, counts[rows], sensitivity, excluded[rows], spec))
+    out.append(votes_lib.answer(session, counts[rows], sensitivity, excluded[rows], spec))
     assert session.epsilon <= budget
   return np.concatenate(out)
 
@@ -151,7 +147,7 @@ def _single_model(cfg, workdir, inputs, seen, targets, k):
   result = train_lib.train_and_evaluate(cfg, workdir, show_progress=False)
   w, params, _ = workload_lib.load_trained(workdir)
   top = pate.top_unseen(w, params, inputs, seen, k, stacked=False)
-  return {**pate.hits(top, targets), "epsilon": result["epsilon"],
+  return {**votes_lib.hits(top, targets), "epsilon": result["epsilon"],
           "trainer_test": result["test"], "steps": result["steps"],
           "noise_multiplier": result["noise_multiplier"]}
 
@@ -225,19 +221,19 @@ def main(argv: list[str]) -> int:
     allowed = _pool(public_counts, seen, args.pool)
     variants["pool"] = ~allowed
     top_public = _noiseless_top_k(public_counts[None].repeat(len(seen), 0), ~allowed, k)
-    rows["public_popularity"] = pate.hits(top_public, targets)
+    rows["public_popularity"] = votes_lib.hits(top_public, targets)
   for variant, excluded in variants.items():
     counts, sensitivity = ensemble.histograms(inputs, excluded, votes_per_teacher)
-    rows[f"ensemble_noiseless/{variant}"] = pate.hits(
+    rows[f"ensemble_noiseless/{variant}"] = votes_lib.hits(
         _noiseless_top_k(counts, excluded, k), targets)
     for mechanism in mechanisms:
       for eps in args.epsilons:
         for num_queries in args.queries:
-          spec = pate.calibrate(mechanism, epsilon_budget=eps, num_queries=num_queries,
+          spec = votes_lib.calibrate(mechanism, epsilon_budget=eps, num_queries=num_queries,
                                 sensitivity=sensitivity, k=k, delta=args.delta)
           # Fresh noise for every row (shared keys would make rows whose noise
           # swamps the votes return the very same answers).
-          runs = [pate.hits(_sessions(counts, sensitivity, excluded, spec, budget=eps,
+          runs = [votes_lib.hits(_sessions(counts, sensitivity, excluded, spec, budget=eps,
                                       delta=args.delta, num_queries=num_queries,
                                       seed=1000 * len(rows) + seed), targets)
                   for seed in range(args.noise_seeds)]
@@ -261,15 +257,15 @@ def main(argv: list[str]) -> int:
   label_queries = pate.Queries(queries.inputs, label_excluded, queries.users)
   counts, sensitivity = ensemble.histograms(label_queries.inputs, label_queries.seen,
                                             votes_per_teacher)
-  spec = pate.calibrate(args.student_mechanism, epsilon_budget=args.student_epsilon,
+  spec = votes_lib.calibrate(args.student_mechanism, epsilon_budget=args.student_epsilon,
                         num_queries=len(queries.users), sensitivity=sensitivity, k=1,
                         delta=args.delta)
   session = noisy_argmax.QuerySession(epsilon_budget=args.student_epsilon,
                                       delta=args.delta, key=jax.random.key(12345))
-  labels = pate.answer(session, counts, sensitivity, label_queries.seen, spec)[:, 0]
+  labels = votes_lib.answer(session, counts, sensitivity, label_queries.seen, spec)[:, 0]
   student = pate.train_student(w, queries, labels, seed=cfg.train.seed,
                                steps=args.student_steps, batch_size=args.student_batch_size)
-  rows["student"] = {**pate.hits(pate.top_unseen(w, student, inputs, seen, k,
+  rows["student"] = {**votes_lib.hits(pate.top_unseen(w, student, inputs, seen, k,
                                                  stacked=False), targets),
                      "epsilon": session.epsilon, "labels": int(len(labels)),
                      "label_agreement_with_noiseless": float(
@@ -282,7 +278,7 @@ def main(argv: list[str]) -> int:
       w, examples, [per_user[ensemble.shards.public]], seeds=[cfg.train.seed],
       steps=args.student_steps,
       batch_size=min(args.student_batch_size, len(ensemble.shards.public))), 0)
-  rows["public_model"] = pate.hits(pate.top_unseen(w, public_model, inputs, seen, k,
+  rows["public_model"] = votes_lib.hits(pate.top_unseen(w, public_model, inputs, seen, k,
                                                    stacked=False), targets)
   timings["student"] = time.time() - t
   timings["total"] = time.time() - t0

@@ -1,6 +1,6 @@
 """Benchmark: non-private vs DP-vmap vs DP-ghost steps, and the peers.
 
-Runs each workload of ``scripts/bench_peers/workloads.py`` (a: 1M-parameter
+Runs each workload of ``studies/bench/peers/workloads.py`` (a: 1M-parameter
 MLP, batch 256; b: SASRec at ML-100k sizes, batch 256, sequence 50; c: a
 MiniLM-L6-sized BERT classifier, batch 16, sequence 64) through
 ``privjax.dp.step.make_step`` in three modes: ``nonprivate``
@@ -34,13 +34,13 @@ Memory. JAX on CPU has no ``memory_stats``. Two numbers per mode:
   that shared base (``rss_before_steps_mb``, also reported).
 
 Usage:
-  python scripts/bench.py --out /tmp/bench.json              # a, b, c
-  python scripts/bench.py --workloads a --steps 30 --no-rss
-  python scripts/bench.py --peers --out /tmp/bench.json      # + Opacus, jax-privacy
+  python studies/bench/bench.py --out /tmp/bench.json              # a, b, c
+  python studies/bench/bench.py --workloads a --steps 30 --no-rss
+  python studies/bench/bench.py --peers --out /tmp/bench.json      # + Opacus, jax-privacy
                                                              #   (--peer-steps, 10)
-  python scripts/bench.py --quick --out /tmp/q.json          # smoke run (compiles dominate)
+  python studies/bench/bench.py --quick --out /tmp/q.json          # smoke run (compiles dominate)
 
-Peers run in their own virtual environments (see docs_performance.md):
+Peers run in their own virtual environments (see studies/bench/README.md):
 ``--opacus-python`` (default /tmp/venv-opacus/bin/python) and
 ``--jaxprivacy-python`` (default /tmp/venv-jaxprivacy/bin/python).
 """
@@ -57,8 +57,7 @@ import tempfile
 import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(_HERE, "bench_peers"))
-sys.path.insert(0, os.path.dirname(_HERE))
+sys.path.insert(0, os.path.join(_HERE, "peers"))
 
 from flax import nnx  # noqa: E402
 import jax  # noqa: E402
@@ -74,7 +73,7 @@ from privjax.models import nn  # noqa: E402
 from privjax.dp import noise  # noqa: E402
 from privjax.models import bert  # noqa: E402
 from privjax.models import sasrec  # noqa: E402
-import workloads  # noqa: E402  (scripts/bench_peers/workloads.py)
+import workloads  # noqa: E402  (studies/bench/peers/workloads.py)
 
 MODES = ("nonprivate", "vmap", "ghost")
 # Modes that materialise per-example gradients run in their own block after
@@ -330,12 +329,12 @@ def pieces(name: str, steps: int, quick: bool) -> dict:
 def run_peer(python: str, script: str, names, steps: int, quick: bool,
              extra=()) -> dict | None:
   if not os.path.exists(python):
-    print(f"peer skipped: {python} does not exist (see docs_performance.md)",
+    print(f"peer skipped: {python} does not exist (see studies/bench/README.md)",
           file=sys.stderr)
     return None
   with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
     path = f.name
-  cmd = [python, os.path.join(_HERE, "bench_peers", script), "--workloads",
+  cmd = [python, os.path.join(_HERE, "peers", script), "--workloads",
          ",".join(names), "--steps", str(steps), "--out", path] + list(extra) + (
              ["--quick"] if quick else [])
   print(f"running {' '.join(cmd)}", file=sys.stderr, flush=True)
@@ -358,7 +357,7 @@ def head_to_head(python: str, name: str, opacus_mode: str, live, steps: int,
   same machine load: the fair absolute comparison on a shared machine.
   """
   compiled, state, batch, mask, keys = live
-  cmd = [python, os.path.join(_HERE, "bench_peers", "opacus_bench.py"), "--serve",
+  cmd = [python, os.path.join(_HERE, "peers", "opacus_bench.py"), "--serve",
          name, opacus_mode] + (["--quick"] if quick else [])
   proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
   try:
