@@ -10,7 +10,10 @@ delta = 1e-5, RDP accountant, sigma calibrated to exactly this run length),
 then the same model without privacy, then a popularity baseline, and prints a
 table of test HR@10 / NDCG@10 (full ranking over unseen items).
 
-Expected (5000 synthetic users, 400 items): QUICKSTART_EXPECTED
+Expected (5000 synthetic users, 400 items): test HR@10 about 0.14 for DP
+(it varies by about +-0.005 from run to run: the noise is secret), 0.18
+non-private, 0.107 popularity. With --config.privacy.reproducible_noise_seed=0
+(NOT a DP release) exactly 0.1406 / 0.1818 / 0.1074.
 """
 
 from privjax import config as config_lib

@@ -24,8 +24,10 @@ import jax
 import numpy as np
 
 from privjax import pate
+from privjax.run import ensemble as ensemble_lib
 from privjax.answers import budget as budget_lib
 from privjax.answers import noisy_argmax
+from privjax.answers import session as session_lib
 from privjax.answers import votes as votes_lib
 from privjax.data import sequences
 from privjax.dp import secret as secret_lib
@@ -130,7 +132,7 @@ def model_inputs(w, histories: list[np.ndarray]) -> tuple[dict[str, np.ndarray],
       history=np.stack([sequences.left_pad(np.asarray(h), max_len) for h in histories]),
       target=np.zeros(len(histories), np.int32), exclude=exclude)
   inputs = w.task.eval_inputs(w.cfg, es, w.ds, w.model_with(w.params))
-  return inputs, pate.seen_mask(exclude, w.ds.num_items)
+  return inputs, ensemble_lib.seen_mask(exclude, w.ds.num_items)
 
 
 # ----------------------------------------------------------------------------
@@ -150,7 +152,7 @@ def serve_model(args, workdir: pathlib.Path) -> int:
   privacy = json.loads(privacy_file.read_text()) if privacy_file.exists() else {}
   queries = parse_queries(args, w)
   inputs, seen = model_inputs(w, [h for _, h in queries])
-  top = pate.top_unseen(w, params, inputs, seen, args.k, stacked=False)
+  top = ensemble_lib.top_unseen(w, params, inputs, seen, args.k, stacked=False)
   if privacy.get("private"):
     cost = (f"0 beyond training: the model is ({privacy['epsilon']:.4g}, "
             f"{privacy['delta']:.3g})-DP for one {privacy['unit']} (DP-SGD, "
@@ -195,7 +197,7 @@ def serve_ensemble(args, workdir: pathlib.Path) -> int:
   spec = votes_lib.per_answer(mechanism, epsilon=epsilon, sensitivity=sensitivity,
                          k=args.k, delta=args.delta)
   budget = args.budget if args.budget is not None else math.inf
-  session = noisy_argmax.QuerySession(
+  session = session_lib.QuerySession(
       epsilon_budget=budget, key=_noise_key(args.seed), accounting=accounting,
       delta=args.delta if accounting == "rdp" else None)
   detail = (f"sigma={spec.sigma:.4g} on each count" if mechanism == "gnmax" else

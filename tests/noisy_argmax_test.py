@@ -12,6 +12,7 @@ from scipy import stats
 
 from privjax.answers import budget as budget_lib
 from privjax.answers import noisy_argmax as na
+from privjax.answers import session as session_lib
 
 VOTES = na.Sensitivity(linf=1.0, l2=math.sqrt(2), l1=2.0)  # single-vote histograms
 PARAMS = {"gumbel": {"epsilon": 1.0}, "laplace": {"epsilon": 1.0},
@@ -215,7 +216,7 @@ def test_zcdp_events_compose_like_the_session_total():
 
 def test_q_session_queries_equal_the_composed_event():
   q, sigma, epsilon = 9, 20.0, 0.3
-  session = na.QuerySession(epsilon_budget=100.0, delta=DELTA, key=jax.random.key(0))
+  session = session_lib.QuerySession(epsilon_budget=100.0, delta=DELTA, key=jax.random.key(0))
   counts, sens = na.vote_histogram(np.array([0, 1, 1, 2, 1]), num_classes=N)
   for _ in range(q):
     session.argmax(counts, mechanism="gnmax", sigma=sigma, sensitivity=sens)
@@ -242,7 +243,7 @@ def test_session_refuses_past_budget_before_drawing_and_keeps_answers(monkeypatc
   one = dp_accounting.GaussianDpEvent(sigma / math.sqrt(2))
   budget = (_eps(dp_accounting.SelfComposedDpEvent(one, 3))
             + _eps(dp_accounting.SelfComposedDpEvent(one, 4))) / 2
-  session = na.QuerySession(epsilon_budget=budget, delta=DELTA, key=jax.random.key(0))
+  session = session_lib.QuerySession(epsilon_budget=budget, delta=DELTA, key=jax.random.key(0))
   answers = [session.argmax(np.zeros(N), mechanism="gnmax", sigma=sigma,
                             sensitivity=sens) for _ in range(3)]
   keys = [jax.random.key_data(session._key_for(i)).tolist() for i in range(3)]
@@ -270,7 +271,7 @@ def test_session_refuses_past_budget_before_drawing_and_keeps_answers(monkeypatc
 
 
 def test_pure_session_adds_epsilons_and_refuses_gnmax():
-  session = na.QuerySession(epsilon_budget=1.0, key=jax.random.key(0), accounting="pure")
+  session = session_lib.QuerySession(epsilon_budget=1.0, key=jax.random.key(0), accounting="pure")
   counts, sens = na.vote_histogram(np.array([0, 1, 1]), num_classes=N)
   session.argmax(counts, mechanism="laplace", epsilon=0.5, sensitivity=sens)
   session.argmax(counts, mechanism="gumbel", epsilon=0.5, sensitivity=sens)
@@ -292,14 +293,14 @@ def test_confident_gnmax_charges_every_threshold_check():
   counts, sens = na.vote_histogram(np.array([2] * 30 + [1] * 5), num_classes=N)
   check = dp_accounting.GaussianDpEvent(sigma1 / 1.0)  # the max moves by <= linf = 1
   answer = dp_accounting.GaussianDpEvent(sigma2 / math.sqrt(2))
-  never = na.QuerySession(epsilon_budget=100.0, delta=DELTA, key=jax.random.key(0))
+  never = session_lib.QuerySession(epsilon_budget=100.0, delta=DELTA, key=jax.random.key(0))
   for _ in range(q):
     answered, choice = never.confident_argmax(counts, threshold=1e9, sigma_threshold=sigma1,
                                               sigma=sigma2, sensitivity=sens)
     assert not answered and choice == -1
   assert never.epsilon == pytest.approx(
       _eps(dp_accounting.SelfComposedDpEvent(check, q)), rel=1e-12)
-  always = na.QuerySession(epsilon_budget=100.0, delta=DELTA, key=jax.random.key(1))
+  always = session_lib.QuerySession(epsilon_budget=100.0, delta=DELTA, key=jax.random.key(1))
   for _ in range(q):
     answered, choice = always.confident_argmax(counts, threshold=-1e9,
                                                sigma_threshold=sigma1, sigma=sigma2,
@@ -333,7 +334,7 @@ def test_confident_gnmax_answers_at_the_rate_of_its_threshold_noise():
 def test_session_checks_confident_gnmax_for_the_worst_case():
   counts, sens = na.vote_histogram(np.array([0, 1, 1]), num_classes=N)
   check_only = _eps(dp_accounting.GaussianDpEvent(5.0))
-  session = na.QuerySession(epsilon_budget=check_only * 1.01, delta=DELTA,
+  session = session_lib.QuerySession(epsilon_budget=check_only * 1.01, delta=DELTA,
                             key=jax.random.key(0))
   # Even a query that would surely abstain could have answered: refused.
   with pytest.raises(budget_lib.BudgetExceededError):

@@ -12,7 +12,9 @@ from scipy import stats
 from privjax import config as config_lib
 from privjax.answers import budget as budget_lib
 from privjax.answers import noisy_argmax
+from privjax.answers import session as session_lib
 from privjax import pate
+from privjax.run import ensemble as ensemble_lib
 from privjax.answers import votes as votes_lib
 from privjax.data import bounding
 from privjax.data import sequences
@@ -57,7 +59,7 @@ def setup():
 @pytest.fixture(scope="module")
 def ensemble(setup):
   w, shards, examples, _, per_user = setup
-  params = pate.train_teachers(w, examples, [per_user[s] for s in shards.shards],
+  params = ensemble_lib.train_teachers(w, examples, [per_user[s] for s in shards.shards],
                                seeds=pate.teacher_seeds(0, 3), steps=4, batch_size=8)
   return pate.Ensemble(w, pate.PateConfig(num_teachers=3, public_users=PUBLIC), shards,
                        params)
@@ -146,13 +148,13 @@ def test_vmapped_teachers_equal_teachers_trained_one_by_one(setup, ensemble):
   w, shards, examples, _, per_user = setup
   rows = [per_user[s] for s in shards.shards]
   seeds = pate.teacher_seeds(0, 3)
-  together = pate.train_teachers(w, examples, rows, seeds=seeds, steps=4, batch_size=8)
+  together = ensemble_lib.train_teachers(w, examples, rows, seeds=seeds, steps=4, batch_size=8)
   # One trace (one compile) for all teachers and all steps, here and in the
   # `ensemble` fixture, which trained the same way.
   assert len(TRACES) == 1
-  alone = pate.train_teachers(w, examples, rows, seeds=seeds, steps=4, batch_size=8,
+  alone = ensemble_lib.train_teachers(w, examples, rows, seeds=seeds, steps=4, batch_size=8,
                               vmap=False)
-  initial = pate.stack([pate.init_params(w, s) for s in seeds])
+  initial = ensemble_lib.stack([ensemble_lib.init_params(w, s) for s in seeds])
   for x, y, x0 in zip(jax.tree.leaves(together), jax.tree.leaves(alone),
                       jax.tree.leaves(initial)):
     assert x.shape[0] == 3
@@ -181,8 +183,8 @@ def test_one_users_data_changes_only_their_teacher(setup):
   changed["target"] = examples["target"].copy()
   victim_rows = user_of_row == victim
   changed["target"][victim_rows] = (examples["target"][victim_rows] + 1) % w.ds.num_items
-  a = pate.train_teachers(w, examples, rows, seeds=seeds, steps=4, batch_size=8)
-  b = pate.train_teachers(w, changed, rows, seeds=seeds, steps=4, batch_size=8)
+  a = ensemble_lib.train_teachers(w, examples, rows, seeds=seeds, steps=4, batch_size=8)
+  b = ensemble_lib.train_teachers(w, changed, rows, seeds=seeds, steps=4, batch_size=8)
   differs = [any(not np.array_equal(np.asarray(x[t]), np.asarray(y[t]))
                  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
              for t in range(3)]
@@ -215,13 +217,13 @@ def test_ensemble_round_trips_through_its_directory_and_warns(tmp_path):
 def test_votes_are_unseen_items_and_histograms_count_them(ensemble, votes_per_teacher):
   w = ensemble.w
   es = sequences.eval_set(w.split, "test", w.cfg.data.max_len)
-  seen = pate.seen_mask(es.exclude, w.ds.num_items)
+  seen = ensemble_lib.seen_mask(es.exclude, w.ds.num_items)
   votes = ensemble.votes({"history": es.history}, seen, votes_per_teacher)
   assert votes.shape == (len(es.target), 3, votes_per_teacher)
   rows = np.arange(len(votes))[:, None, None]
   assert not seen[rows, votes].any()
   # Each teacher's votes are its own top scores among unseen items.
-  scores = np.asarray(w.score_fn(pate.unstack(ensemble.params, 1), w.frozen,
+  scores = np.asarray(w.score_fn(ensemble_lib.unstack(ensemble.params, 1), w.frozen,
                                  {"history": es.history}))
   expected = np.argsort(-np.where(seen, -np.inf, scores), axis=1, kind="stable")
   np.testing.assert_array_equal(votes[:, 1], expected[:, :votes_per_teacher])
@@ -254,7 +256,7 @@ def test_a_clear_vote_wins_and_seen_items_are_never_answered(mechanism, param):
   # One shape for both calls (one compile): 1000 copies of two queries.
   counts = np.tile([[0, 9, 0, 5, 1, 0], [7, 2, 3, 0, 0, 0]], (1000, 1))
   seen = np.tile([[1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]], (1000, 1)).astype(bool)
-  session = noisy_argmax.QuerySession(epsilon_budget=1e12, delta=DELTA,
+  session = session_lib.QuerySession(epsilon_budget=1e12, delta=DELTA,
                                       key=jax.random.key(0))
   spec = votes_lib.AnswerSpec(mechanism=mechanism, k=2, **param)
   top = votes_lib.answer(session, counts, SENS, seen, spec)
@@ -272,7 +274,7 @@ def test_a_clear_vote_wins_and_seen_items_are_never_answered(mechanism, param):
 def test_answers_are_charged_as_cost_of_per_query():
   counts = np.zeros((4, 6), np.int32)
   seen = np.zeros((4, 6), bool)
-  session = noisy_argmax.QuerySession(epsilon_budget=100.0, delta=DELTA,
+  session = session_lib.QuerySession(epsilon_budget=100.0, delta=DELTA,
                                       key=jax.random.key(0))
   spec = votes_lib.AnswerSpec(mechanism="gumbel", k=3, epsilon=0.5)
   votes_lib.answer(session, counts, SENS, seen, spec)
@@ -286,7 +288,7 @@ def test_a_session_of_answers_stops_at_its_budget_keeping_earlier_ones():
   seen = np.zeros(5, bool)
   spec = votes_lib.AnswerSpec(mechanism="gnmax", k=2, sigma=20.0)
   budget = 2.0
-  session = noisy_argmax.QuerySession(epsilon_budget=budget, delta=DELTA,
+  session = session_lib.QuerySession(epsilon_budget=budget, delta=DELTA,
                                       key=jax.random.key(0))
   answers = []
   with pytest.raises(budget_lib.BudgetExceededError):
@@ -303,7 +305,7 @@ def test_a_session_of_answers_stops_at_its_budget_keeping_earlier_ones():
 def test_confident_gnmax_abstains_below_the_threshold_and_pays_every_check():
   counts = np.array([[0, 10, 0, 0], [1, 1, 1, 0]])
   seen = np.zeros((2, 4), bool)
-  session = noisy_argmax.QuerySession(epsilon_budget=1e12, delta=DELTA,
+  session = session_lib.QuerySession(epsilon_budget=1e12, delta=DELTA,
                                       key=jax.random.key(0))
   spec = votes_lib.AnswerSpec(mechanism="gnmax", sigma=1e-3, threshold=5.0,
                          sigma_threshold=1e-3)
@@ -330,7 +332,7 @@ def test_calibration_fits_exactly_q_answers_in_the_budget(mechanism, num_queries
                                else {"epsilon": x * 1.001}))
   assert votes_lib._epsilon_of(tighter.cost(sens, num_queries), DELTA) > 4.0
   # A session with that budget answers exactly num_queries of them, one by one.
-  session = noisy_argmax.QuerySession(epsilon_budget=4.0, delta=DELTA,
+  session = session_lib.QuerySession(epsilon_budget=4.0, delta=DELTA,
                                       key=jax.random.key(1))
   counts, seen = np.zeros(12, np.int32), np.zeros(12, bool)
   for _ in range(num_queries):
@@ -367,7 +369,7 @@ def test_student_learns_from_public_queries_and_noisy_labels_only(ensemble):
   for row in (0, 39):
     seen_items = np.flatnonzero(queries.seen[row])
     assert set(seen_items) <= set(w.split.train[queries.users[row]].tolist())
-  session = noisy_argmax.QuerySession(epsilon_budget=8.0, delta=DELTA,
+  session = session_lib.QuerySession(epsilon_budget=8.0, delta=DELTA,
                                       key=jax.random.key(0))
   spec = votes_lib.calibrate("gnmax", epsilon_budget=8.0, num_queries=40, k=1, delta=DELTA,
                         sensitivity=noisy_argmax.Sensitivity(linf=1.0, l2=math.sqrt(2)))

@@ -298,7 +298,7 @@ def histogram(user, bins, *, num_bins: int, max_contributions_per_user: int,
   DiscreteLaplaceDpEvent(noise_parameter=0.3333333333333333, sensitivity=3)
   >>> ratings = np.array([5, 5, 5, 4, 3])   # a huge epsilon shows the true counts
   >>> [histogram(user, ratings - 1, num_bins=5, max_contributions_per_user=3,
-  ...            epsilon=1e9, count_rows=rows, rng=0)[0].tolist()
+  ...            epsilon=1e9, count_rows=rows, rng=0, seed=0)[0].tolist()
   ...  for rows in (False, True)]
   [[0.0, 0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0, 2.0]]
   """

@@ -92,7 +92,7 @@ class PrivacyBudget:
   practice and an assumption here. Taking the smaller of the two bounds is
   valid for a sequence of queries fixed in advance; a session whose privacy
   parameters adapt to earlier answers uses one path only (``"basic"`` or
-  ``"accountant"``), as ``noisy_argmax.QuerySession`` does.
+  ``"accountant"``), as ``session.QuerySession`` does.
 
   >>> budget = PrivacyBudget(epsilon=1.0)
   >>> budget.spend(dp_accounting.LaplaceDpEvent(2.0), name="q1")

@@ -1,82 +1,22 @@
 """Private prediction: noisy argmax and top-k over scores of bounded sensitivity.
 
-The typical scores are teacher votes (PATE, Papernot et al. 2017, 2018): the
-private training users are split into disjoint partitions, one teacher model
-is trained per partition, and for a query each teacher votes for a class (or
-for ``k`` distinct classes). ``vote_histogram`` turns the votes into counts
-and *computes* how much one user can change them.
-
-Unit of privacy and neighbouring relation. The unit is a training user. Adding
-or removing one user changes the data of one teacher only, so that teacher's
-vote may change arbitrarily while every other vote stays put: neighbouring
-histograms differ by moving one teacher's vote(s). For general scores the
-caller states, in a ``Sensitivity``, how much one unit can change them: the
-largest change of any single score (``linf``, used by ``gumbel`` and
-``laplace``) and of the whole score vector in L2 (``l2``, used by
-``gaussian``). The guarantees below hold only if those bounds are true.
-
-Mechanisms and their guarantees (per query, i.e. per row of ``scores``):
-
-* ``"gumbel"``: the exponential mechanism, sampled as the argmax of the scores
-  plus Gumbel noise of scale ``2 * linf / epsilon`` (``linf / epsilon`` when
-  ``monotonic=True``). It is epsilon-DP and epsilon-bounded-range, hence
-  ``epsilon**2 / 8``-zCDP (Durfee & Rogers 2019; Cesar & Rogers 2021,
-  "Bounding, concentrating, and truncating"). Top-k adds the noise once and
-  keeps the k largest, which has exactly the distribution of k rounds of
-  peeling with the exponential mechanism (Durfee & Rogers 2019): k*epsilon-DP,
-  and ``k * epsilon**2 / 8``-zCDP, the bound charged.
-* ``"laplace"``: report-noisy-max, the argmax of the scores plus Laplace noise
-  of scale ``2 * linf / epsilon`` (``linf / epsilon`` when monotonic), is
-  epsilon-DP (Dwork & Roth 2014, Sec. 3.3). Top-k peels: k rounds, each with
-  fresh noise over the items not yet chosen, k*epsilon-DP. The noisy vector
-  itself is never released (releasing it would cost its L1 sensitivity).
-  Pure epsilon-DP implies ``epsilon**2 / 2``-zCDP (Bun & Steinke 2016,
-  Prop. 1.4), the bound charged to the RDP accountant; a ``QuerySession``
-  with ``accounting="pure"`` instead adds up the epsilons (basic composition).
-* ``"gnmax"``: GNMax (Papernot et al. 2018), the argmax (or ordered top-k)
-  of the scores plus N(0, sigma^2) noise on every score. That is a
-  post-processing of the whole noisy vector, the Gaussian mechanism with L2
-  sensitivity ``l2``: RDP(alpha) = alpha * l2**2 / (2 sigma**2), i.e.
-  ``GaussianDpEvent(sigma / l2)``; for single-vote histograms (l2 = sqrt(2))
-  that is alpha / sigma**2. Top-k costs the same as the argmax.
-* ``confident_gnmax``: answers only if the largest score plus N(0, sigma1^2)
-  reaches a threshold, then runs GNMax with sigma2 (Papernot et al. 2018,
-  data-independent analysis). The check is the Gaussian mechanism on the max,
-  whose sensitivity is at most ``linf``; it is charged for every query, GNMax
-  only for the answered ones.
-
-``monotonic=True`` is the sharper calibration for scores that move in one
-direction only when a unit is added (e.g. counts of users, under
-add/remove-one-user). Teacher-vote histograms are NOT monotone: a changed vote
-lowers one count and raises another. The default, ``False``, is always safe.
-
-When noise adds nothing. The outputs of a model trained with DP (DP-SGD) are
-post-processing of its private parameters: argmax, top-k or sampling from such
-a model costs no further privacy and needs no noise. Conversely, adding noise
-to the logits of a model trained WITHOUT DP gives no guarantee at all: one user
-can change the logits by an unbounded amount, so no finite ``Sensitivity``
-exists. This module therefore offers no "noisy logits" API; scores must come
-with a sensitivity that is a proven bound, as vote counts do.
-
-Costs. Every call returns a ``dp_accounting.DpEvent``: ``ZCDpEvent`` for
-gumbel/laplace, ``GaussianDpEvent`` for gaussian, composed over the rows of a
-batch (``SelfComposedDpEvent``). Every event is zCDP, i.e. its RDP curve is
-``rho * alpha``, so a budget on epsilon at a fixed delta is a budget on the
-total ``rho``; ``QuerySession`` refuses a query that would exceed it before
-drawing any noise, which is a valid privacy filter even when queries and their
-parameters are chosen adaptively (Feldman & Zrnic 2021, Renyi filter, at every
-order at once since all curves are linear). dp-accounting 0.6 has no event for
-the exponential mechanism; we do not use newer upstream ones.
-
-Floating point. Noise is drawn in float32 (or the wider dtype of the scores)
-by textbook samplers, not by a floating-point-safe one (Mironov 2012); only
-indices are released, never noisy values, which limits but does not remove
-that gap.
-
-Keys. JAX, explicit keys. Each call consumes the key it is given (split
-internally into the independent draws it needs); never pass the same key
-twice. ``QuerySession`` derives the key of its i-th query as
-``fold_in(key, i)`` and never repeats an index.
+Scores come with a ``Sensitivity`` that bounds how much one unit (a training
+user) can change them: the largest change of one score (``linf``: gumbel,
+laplace) and of the whole vector in L2 (``l2``: gnmax). ``vote_histogram``
+computes it for teacher votes (PATE). Mechanisms, each with its guarantee on
+the function that runs it: ``"gumbel"`` (exponential mechanism; top-k by one
+Gumbel draw, k*epsilon-DP, k*epsilon^2/8-zCDP), ``"laplace"`` (report-noisy-
+max, peeling, k*epsilon-DP), ``"gnmax"`` (Gaussian noise on every score, the
+Gaussian mechanism with noise multiplier sigma / l2) and ``confident_gnmax``
+(a noisy threshold check first). Every call returns its dp_accounting event
+(zCDP or Gaussian, composed over rows). ``monotonic=True`` is the sharper
+calibration for scores that only grow when a unit is added; vote histograms
+are NOT monotone. Noise on the logits of a model trained without DP gives no
+guarantee (no finite sensitivity exists), so there is no such API; a DP-SGD
+model needs no noise at all. Noise is textbook float32 sampling and only
+indices are released. Each call consumes its key; ``session.QuerySession``
+charges every answer to one budget before drawing noise. The guarantees and
+references: docs/serving.md.
 
 >>> counts, sens = vote_histogram(jnp.array([2, 2, 2, 0, 2]), num_classes=3)
 >>> counts.tolist(), sens.l2 == math.sqrt(2)
@@ -97,7 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from privjax import _validate
-from privjax.answers import budget as budget_lib
 
 MECHANISMS = ("gnmax", "gumbel", "laplace")
 ACCOUNTING = ("pure", "rdp")
@@ -500,144 +439,3 @@ def confident_gnmax(scores, *, threshold: float, sigma_threshold: float,
                            sensitivity=sensitivity, num_queries=num_queries,
                            num_answered=int(answered.sum()))
   return answered, choice, cost
-
-
-# ----------------------------------------------------------------------------
-# Sessions.
-# ----------------------------------------------------------------------------
-
-
-class QuerySession:
-  """Noisy argmax / top-k answers charged to one ``budget.PrivacyBudget``.
-
-  Guarantee. Every answer is charged to the budget BEFORE any noise is drawn;
-  an answer the budget cannot afford raises ``budget.BudgetExceededError``
-  and changes nothing (earlier answers stay in ``answers``). With
-  ``accounting="rdp"`` (default) the session is (epsilon_budget, delta)-DP for
-  the unit of privacy of the scores: every cost here is zCDP (an RDP curve
-  ``rho * alpha``), so the budget's RDP bound is a Renyi filter (Feldman &
-  Zrnic 2021), valid even when queries, parameters and, in confident GNMax,
-  the number of answers depend on earlier outputs. With ``accounting="pure"``
-  the budget adds pure epsilons (basic composition, a valid pure-DP filter,
-  Rogers et al. 2016) and only gumbel and laplace are allowed. The i-th
-  answered call uses key ``fold_in(key, i)``, so no key is used twice.
-
-  Pass ``budget`` to share one filter with other releases (DP statistics,
-  PATE labels); otherwise the session makes its own from ``epsilon_budget``,
-  ``delta`` and ``accounting``.
-
-  >>> session = QuerySession(epsilon_budget=1.0, delta=1e-5, key=jax.random.key(0))
-  >>> counts, sens = vote_histogram(np.array([0, 1, 1, 1]), num_classes=2)
-  >>> int(session.argmax(counts, mechanism="gnmax", sigma=40.0, sensitivity=sens)) in (0, 1)
-  True
-  >>> len(session.answers), round(session.epsilon, 3)
-  (1, 0.125)
-  """
-
-  def __init__(self, *, key: jax.Array, epsilon_budget: float | None = None,
-               delta: float | None = None, accounting: str = "rdp",
-               budget: budget_lib.PrivacyBudget | None = None):
-    _validate.one_of("accounting", accounting, ACCOUNTING)
-    if budget is None:
-      _validate.positive("epsilon_budget", epsilon_budget)
-      if accounting == "rdp":
-        if delta is None or not 0 < delta < 1:
-          raise ValueError(f"delta={delta!r} must be in (0, 1) for accounting='rdp'")
-      elif delta not in (None, 0, 0.0):
-        raise ValueError(f"delta={delta!r} must be None or 0 for accounting='pure'")
-      budget = budget_lib.PrivacyBudget(
-          epsilon=epsilon_budget, delta=delta or 0.0,
-          composition="basic" if accounting == "pure" else "accountant")
-    elif epsilon_budget is not None or delta is not None:
-      raise ValueError("give either budget or epsilon_budget/delta, not both")
-    self.budget = budget
-    self.accounting = "pure" if budget.delta == 0 else accounting
-    self.answers: list[budget_lib.Answer] = []
-    self._key = key
-
-  @property
-  def epsilon_budget(self) -> float:
-    return self.budget.epsilon
-
-  @property
-  def delta(self) -> float:
-    return self.budget.delta
-
-  @property
-  def events(self) -> list[dp_accounting.DpEvent]:
-    return [answer.event for answer in self.answers]
-
-  @property
-  def epsilon(self) -> float:
-    """Epsilon spent so far on the budget (at ``delta`` for rdp accounting)."""
-    return self.budget.spent_epsilon
-
-  def _check(self, event, pure_epsilon, mechanism) -> None:
-    if self.accounting == "pure" and pure_epsilon is None:
-      raise ValueError(f"mechanism={mechanism!r} has no pure-DP bound; use "
-                       "accounting='rdp'")
-    self.budget.check(event, epsilon=pure_epsilon, name=mechanism)
-
-  def can_afford(self, event: dp_accounting.DpEvent, *,
-                 pure_epsilon: float | None = None) -> bool:
-    try:
-      self.budget.check(event, epsilon=pure_epsilon)
-    except budget_lib.BudgetExceededError:
-      return False
-    return True
-
-  def _key_for(self, index: int) -> jax.Array:
-    return jax.random.fold_in(self._key, index)
-
-  def _next_key(self) -> jax.Array:
-    # One index per answered call; refused calls draw nothing and take none.
-    return self._key_for(len(self.answers))
-
-  def _record(self, mechanism, value, event, pure_epsilon):
-    self.budget.spend(event, epsilon=pure_epsilon, name=mechanism)
-    self.answers.append(budget_lib.Answer(name=mechanism, value=value, event=event))
-
-  def top_k(self, scores, k: int, *, mechanism: str, epsilon: float | None = None,
-            sigma: float | None = None, sensitivity: Sensitivity,
-            monotonic: bool = False) -> np.ndarray:
-    """``noisy_top_k`` within the budget; raises BudgetExceededError first."""
-    num_queries = max(math.prod(np.shape(scores)[:-1]), 1)
-    event = cost_of(mechanism, epsilon=epsilon, sigma=sigma, sensitivity=sensitivity,
-                    k=k, num_queries=num_queries, monotonic=monotonic)
-    pure = (None if mechanism == "gnmax" else
-            pure_epsilon_of(mechanism, epsilon=epsilon, k=k, num_queries=num_queries))
-    self._check(event, pure, mechanism)
-    top, realised = noisy_top_k(scores, k, mechanism=mechanism, epsilon=epsilon,
-                                sigma=sigma, sensitivity=sensitivity,
-                                key=self._next_key(), monotonic=monotonic)
-    assert realised == event
-    top = np.asarray(top)
-    self._record(mechanism, top, event, pure)
-    return top
-
-  def argmax(self, scores, **kwargs) -> np.ndarray:
-    """``noisy_argmax`` within the budget (same keywords as ``top_k``)."""
-    return self.top_k(scores, 1, **kwargs)[..., 0]
-
-  def confident_argmax(self, scores, *, threshold: float, sigma_threshold: float,
-                       sigma: float, sensitivity: Sensitivity
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """``confident_gnmax`` within the budget, checked for the worst case
-    (every query answered) before anything is drawn; charged as realised.
-
-    Returns:
-      (answered, choice) with choice -1 where not answered.
-    """
-    if self.accounting == "pure":
-      raise ValueError("confident GNMax is Gaussian: it needs accounting='rdp'")
-    num_queries = max(math.prod(np.shape(scores)[:-1]), 1)
-    worst = confident_cost_of(sigma_threshold=sigma_threshold, sigma=sigma,
-                              sensitivity=sensitivity, num_queries=num_queries,
-                              num_answered=num_queries)
-    self._check(worst, None, "confident_gnmax")
-    answered, choice, event = confident_gnmax(
-        scores, threshold=threshold, sigma_threshold=sigma_threshold, sigma=sigma,
-        sensitivity=sensitivity, key=self._next_key())
-    answered, choice = np.asarray(answered), np.asarray(choice)
-    self._record("confident_gnmax", choice, event, None)
-    return answered, choice

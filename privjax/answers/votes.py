@@ -4,7 +4,7 @@ A vote histogram counts, for one query, the items that m voters (PATE
 teachers) proposed. ``vote_counts`` builds histograms and their sensitivity to
 one user (who changes one voter); ``AnswerSpec`` names a mechanism and its
 parameters; ``answer`` releases a noisy top-k charged to a
-``noisy_argmax.QuerySession`` (one ``budget.PrivacyBudget``); ``calibrate``
+``session_lib.QuerySession`` (one ``budget.PrivacyBudget``); ``calibrate``
 finds the least noisy spec for a number of answers in a budget.
 
 >>> counts, sens = vote_counts(np.array([[[0], [2], [2]]]), num_items=3)
@@ -20,6 +20,7 @@ import math
 import dp_accounting
 import numpy as np
 
+from privjax.answers import session as session_lib
 from privjax.answers import noisy_argmax
 
 # Answer mechanisms, by the names used in papers and on the command line.
@@ -135,7 +136,7 @@ def _floor_excluded(counts: np.ndarray, excluded: np.ndarray, spec: AnswerSpec,
   return np.where(excluded, floor, counts.astype(np.float64)).astype(np.float32)
 
 
-def answer(session: noisy_argmax.QuerySession, counts: np.ndarray,
+def answer(session: session_lib.QuerySession, counts: np.ndarray,
            sensitivity: noisy_argmax.Sensitivity, excluded: np.ndarray,
            spec: AnswerSpec) -> np.ndarray:
   """Noisy top-k of vote histograms within a session's budget.

@@ -42,7 +42,9 @@ import numpy as np
 
 from privjax import config as config_lib
 from privjax.answers import noisy_argmax
+from privjax.answers import session as session_lib
 from privjax import pate
+from privjax.run import ensemble as ensemble_lib
 from privjax.answers import votes as votes_lib
 from privjax.dp import secret as secret_lib
 from privjax.run import evaluate as evaluate_lib
@@ -135,7 +137,7 @@ def _sessions(counts, sensitivity, excluded, spec, *, budget, delta, num_queries
   key = jax.random.key(seed)
   out = []
   for index, start in enumerate(range(0, len(counts), num_queries)):
-    session = noisy_argmax.QuerySession(epsilon_budget=budget, delta=delta,
+    session = session_lib.QuerySession(epsilon_budget=budget, delta=delta,
                                         key=jax.random.fold_in(key, index))
     rows = slice(start, start + num_queries)
     out.append(votes_lib.answer(session, counts[rows], sensitivity, excluded[rows], spec))
@@ -146,7 +148,7 @@ def _sessions(counts, sensitivity, excluded, spec, *, budget, delta, num_queries
 def _single_model(cfg, workdir, inputs, seen, targets, k):
   result = train_lib.train_and_evaluate(cfg, workdir, show_progress=False)
   w, params, _ = workload_lib.load_trained(workdir)
-  top = pate.top_unseen(w, params, inputs, seen, k, stacked=False)
+  top = ensemble_lib.top_unseen(w, params, inputs, seen, k, stacked=False)
   return {**votes_lib.hits(top, targets), "epsilon": result["epsilon"],
           "trainer_test": result["test"], "steps": result["steps"],
           "noise_multiplier": result["noise_multiplier"]}
@@ -188,7 +190,7 @@ def main(argv: list[str]) -> int:
   w = ensemble.w
   es = sequences.eval_set(w.split, "test", cfg.data.max_len)
   inputs = w.task.eval_inputs(w.cfg, es, w.ds, w.model)
-  seen = pate.seen_mask(es.exclude, w.ds.num_items)
+  seen = ensemble_lib.seen_mask(es.exclude, w.ds.num_items)
   targets = es.target
   rows: dict[str, dict] = {}
 
@@ -260,12 +262,12 @@ def main(argv: list[str]) -> int:
   spec = votes_lib.calibrate(args.student_mechanism, epsilon_budget=args.student_epsilon,
                         num_queries=len(queries.users), sensitivity=sensitivity, k=1,
                         delta=args.delta)
-  session = noisy_argmax.QuerySession(epsilon_budget=args.student_epsilon,
+  session = session_lib.QuerySession(epsilon_budget=args.student_epsilon,
                                       delta=args.delta, key=jax.random.key(12345))
   labels = votes_lib.answer(session, counts, sensitivity, label_queries.seen, spec)[:, 0]
   student = pate.train_student(w, queries, labels, seed=cfg.train.seed,
                                steps=args.student_steps, batch_size=args.student_batch_size)
-  rows["student"] = {**votes_lib.hits(pate.top_unseen(w, student, inputs, seen, k,
+  rows["student"] = {**votes_lib.hits(ensemble_lib.top_unseen(w, student, inputs, seen, k,
                                                  stacked=False), targets),
                      "epsilon": session.epsilon, "labels": int(len(labels)),
                      "label_agreement_with_noiseless": float(
@@ -274,11 +276,11 @@ def main(argv: list[str]) -> int:
   # public data gives without any private user (cost 0).
   # The public users' data is public: a public bounding key will do.
   examples, per_user = pate.bounded_examples(w, secret_lib.RunSecret.from_seed(cfg.train.seed))
-  public_model = pate.unstack(pate.train_teachers(
+  public_model = ensemble_lib.unstack(ensemble_lib.train_teachers(
       w, examples, [per_user[ensemble.shards.public]], seeds=[cfg.train.seed],
       steps=args.student_steps,
       batch_size=min(args.student_batch_size, len(ensemble.shards.public))), 0)
-  rows["public_model"] = votes_lib.hits(pate.top_unseen(w, public_model, inputs, seen, k,
+  rows["public_model"] = votes_lib.hits(ensemble_lib.top_unseen(w, public_model, inputs, seen, k,
                                                    stacked=False), targets)
   timings["student"] = time.time() - t
   timings["total"] = time.time() - t0
