@@ -74,6 +74,10 @@ class ModelConfig:
   use_id_head: bool = False
   max_tokens: int = 64
   max_history_items: int = 20
+  # Text-first recommender (text_seq): whitened text features kept, and
+  # whether a learned item-ID embedding is added to each item's text vector.
+  text_dim: int = 64
+  fuse_id: bool = False
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -212,6 +216,7 @@ def validate(cfg: Config) -> Config:
                 "data.max_examples_per_user", "model.embed_dim",
                 "model.num_layers", "model.num_heads", "model.last_k",
                 "model.lora_rank", "model.max_tokens", "model.max_history_items",
+                "model.text_dim",
                 "train.batch_size", "eval.k",
                 "eval.batch_size"):
     if get(cfg, field) <= 0:
@@ -230,7 +235,7 @@ def validate(cfg: Config) -> Config:
         min(cfg.model.hidden_dim, cfg.model.proj_dim), "must be >= 0")
   if not 0 <= cfg.model.dropout < 1:
     bad("model.dropout", cfg.model.dropout, "must be in [0, 1)")
-  if cfg.model.name == "sasrec" and cfg.model.embed_dim % cfg.model.num_heads:
+  if cfg.model.name in ("sasrec", "text_seq") and cfg.model.embed_dim % cfg.model.num_heads:
     bad("model.num_heads", cfg.model.num_heads,
         f"must divide model.embed_dim={cfg.model.embed_dim}")
   if cfg.model.name == "llm" and cfg.data.max_len < cfg.model.max_history_items:

@@ -3,6 +3,7 @@
 import os
 import pathlib
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -62,3 +63,78 @@ def pytest_configure(config):
   jax.config.update("jax_compilation_cache_dir", cache)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+# A small MovieLens-format folder (ml-100k files) for the data tests.
+SMALL_ML_USERS, SMALL_ML_ITEMS = 80, 120
+
+
+def _write_movielens(folder: pathlib.Path, seed: int = 0) -> pathlib.Path:
+  """A small ml-100k folder: Zipf item popularity, 10-25 distinct items a user."""
+  rng = np.random.default_rng(seed)
+  folder.mkdir(parents=True, exist_ok=True)
+  weights = 1.0 / np.arange(1, SMALL_ML_ITEMS + 1) ** 1.1
+  weights /= weights.sum()
+  lines = []
+  for user in range(1, SMALL_ML_USERS + 1):
+    items = rng.choice(SMALL_ML_ITEMS, size=rng.integers(10, 26), replace=False,
+                       p=weights)
+    for t, item in enumerate(items):
+      rating = rng.integers(1, 6)
+      lines.append(f"{user}\t{item + 1}\t{rating}\t{880000000 + 1000 * t + user}")
+  (folder / "u.data").write_text("\n".join(lines) + "\n", encoding="latin-1")
+  flags = "|".join(["0"] * 19)
+  (folder / "u.item").write_text("".join(
+      f"{i}|Movie {i} (1995)|01-Jan-1995||http://example.org/{i}|{flags}\n"
+      for i in range(1, SMALL_ML_ITEMS + 1)), encoding="latin-1")
+  from privjax.data import deidentify  # pylint: disable=g-import-not-at-top
+  jobs = sorted(deidentify.OCCUPATION_HIERARCHY)
+  (folder / "u.user").write_text("".join(
+      f"{u}|{rng.integers(15, 70)}|{'MF'[rng.integers(2)]}|"
+      f"{jobs[rng.integers(len(jobs))]}|{rng.integers(10000, 99999):05d}\n"
+      for u in range(1, SMALL_ML_USERS + 1)), encoding="latin-1")
+  return folder
+
+
+@pytest.fixture(scope="module")
+def ml_folder(tmp_path_factory) -> pathlib.Path:
+  """A small ml-100k-format folder written by ``_write_movielens``."""
+  return _write_movielens(tmp_path_factory.mktemp("data") / "ml-fixture")
+
+
+def _write_tiny_pretrained(path):
+  """A random 1-layer, 32-wide BERT saved as HF files, with the MiniLM tokenizer."""
+  import dataclasses, json, shutil  # pylint: disable=g-import-not-at-top,multiple-imports
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from privjax.models import bert, bert_hf  # pylint: disable=g-import-not-at-top,multiple-imports
+  src = bert_hf.minilm_path()
+  if src is None:
+    pytest.skip("all-MiniLM-L6-v2 is not installed (its tokenizer is needed)")
+  config = dataclasses.replace(bert.BertConfig.tiny(), vocab_size=30522, num_layers=1)
+  encoder = bert.BertEncoder(config, with_pooler=False, rngs=nnx.Rngs(0))
+  tensors = {}
+  for keys, variable in nnx.iter_graph(encoder):
+    if isinstance(variable, nnx.Param):
+      name = (bert_hf._hf_module(keys[:-1]) + "."  # pylint: disable=protected-access
+              + bert_hf._LEAVES[keys[-1]][0])  # pylint: disable=protected-access
+      array = np.asarray(variable.get_value())
+      tensors[name] = array.T if keys[-1] == "kernel" else array
+  path.mkdir()
+  safetensors.numpy.save_file(tensors, str(path / "model.safetensors"))
+  (path / "config.json").write_text(json.dumps({
+      "model_type": "bert", "vocab_size": config.vocab_size,
+      "hidden_size": config.hidden_size, "num_hidden_layers": config.num_layers,
+      "num_attention_heads": config.num_heads,
+      "intermediate_size": config.intermediate_size,
+      "max_position_embeddings": config.max_position_embeddings}))
+  for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json"):
+    shutil.copyfile(src / name, path / name)
+  return path
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tmp_path_factory) -> pathlib.Path:
+  """A random 1-layer BERT folder in HF format (MiniLM's tokenizer), or a skip."""
+  return _write_tiny_pretrained(tmp_path_factory.mktemp("bert") / "pretrained")

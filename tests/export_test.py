@@ -3,7 +3,6 @@ tiny random BERT and the MiniLM tokenizer)."""
 
 import dataclasses
 import functools
-import importlib.util
 import json
 import math
 import pathlib
@@ -254,36 +253,9 @@ def test_evaluating_the_float_export_reproduces_the_run(runs, exports):
     assert got["test"] == pytest.approx(runs[family][3]), family
 
 
-def _tiny_pretrained(path):
-  """A random 1-layer, 32-wide BERT saved as HF files, with the MiniLM tokenizer."""
-  src = bert_hf.minilm_path()
-  if src is None:
-    pytest.skip("all-MiniLM-L6-v2 is not installed (its tokenizer is needed)")
-  config = dataclasses.replace(bert.BertConfig.tiny(), vocab_size=30522, num_layers=1)
-  encoder = bert.BertEncoder(config, with_pooler=False, rngs=nnx.Rngs(0))
-  tensors = {}
-  for keys, variable in nnx.iter_graph(encoder):
-    if isinstance(variable, nnx.Param):
-      name = (bert_hf._hf_module(keys[:-1]) + "."  # pylint: disable=protected-access
-              + bert_hf._LEAVES[keys[-1]][0])  # pylint: disable=protected-access
-      array = np.asarray(variable.get_value())
-      tensors[name] = array.T if keys[-1] == "kernel" else array
-  path.mkdir()
-  safetensors.numpy.save_file(tensors, str(path / "model.safetensors"))
-  (path / "config.json").write_text(json.dumps({
-      "model_type": "bert", "vocab_size": config.vocab_size,
-      "hidden_size": config.hidden_size, "num_hidden_layers": config.num_layers,
-      "num_attention_heads": config.num_heads,
-      "intermediate_size": config.intermediate_size,
-      "max_position_embeddings": config.max_position_embeddings}))
-  for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json"):
-    shutil.copyfile(src / name, path / name)
-  return path
-
-
-def test_an_llm_export_carries_its_tokenizer_and_reproduces_the_run(tmp_path):
-  pretrained = _tiny_pretrained(tmp_path / "pretrained")
+def test_an_llm_export_carries_its_tokenizer_and_reproduces_the_run(tmp_path,
+                                                                   tiny_pretrained):
+  pretrained = tiny_pretrained
   cfg = config_lib.replace(
       _cfg("sasrec"), name="tiny-llm",
       **{"model.name": "llm", "model.pretrained": str(pretrained),
@@ -320,31 +292,29 @@ def test_an_llm_export_carries_its_tokenizer_and_reproduces_the_run(tmp_path):
   assert not isinstance(loaded_q.head.title_embeddings.get_value(), quantization.QTensor)
 
 
-def _script(name):
-  spec = importlib.util.spec_from_file_location(
-      f"_script_{name}", pathlib.Path(__file__).parents[1] / "scripts" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+def _script(name, *args):
+  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  return subprocess.run([sys.executable, str(pathlib.Path(__file__).parents[1] / "scripts"
+                                             / f"{name}.py"), *map(str, args)],
+                        capture_output=True, text=True, check=False)
 
 
-def test_scripts_export_and_evaluate_an_export(runs, tmp_path, capsys):
-  export_script, evaluate_script = _script("export"), _script("evaluate")
+def test_scripts_export_and_evaluate_an_export(runs, tmp_path):
   out = tmp_path / "e"
-  assert export_script.main(["--workdir", str(runs["mlp"][0]), "--out", str(out),
-                             "--sparsity", "0.5", "--int8"]) == 0
-  printed = capsys.readouterr().out
-  assert "model.safetensors" in printed and "-DP at the level of one user" in printed
-  assert "post-processing" in printed
-  assert export_script.main(["--workdir", str(runs["mlp"][0]), "--out", str(out)]) == 2
-  assert "exists" in capsys.readouterr().err
-  assert evaluate_script.main(["--workdir", str(out), "--json"]) == 0
-  result = json.loads(capsys.readouterr().out)
+  run = _script("export", "--workdir", runs["mlp"][0], "--out", out, "--sparsity", "0.5",
+                "--int8")
+  assert run.returncode == 0, run.stderr
+  assert "model.safetensors" in run.stdout and "-DP at the level of one user" in run.stdout
+  assert "post-processing" in run.stdout
+  run = _script("export", "--workdir", runs["mlp"][0], "--out", out)
+  assert run.returncode == 2 and "exists" in run.stderr
+  run = _script("evaluate", "--workdir", out, "--json")
+  assert run.returncode == 0, run.stderr
+  result = json.loads(run.stdout)
   assert set(result) == {"step", "valid", "test"} and result["step"] == 2
   # A non-private run's export says so.
-  assert export_script.main(["--workdir", str(runs["sasrec"][0]),
-                             "--out", str(tmp_path / "s")]) == 0
-  assert "privacy: NONE" in capsys.readouterr().out
+  run = _script("export", "--workdir", runs["sasrec"][0], "--out", tmp_path / "s")
+  assert run.returncode == 0 and "privacy: NONE" in run.stdout
 
 
 # ---------------------------------------------------------------- bad inputs

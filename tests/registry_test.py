@@ -139,7 +139,7 @@ def test_family_of_finds_the_family_by_model_class(bag):
                                      hidden_dim=8, rngs=nnx.Rngs(0)),
       "sasrec": lambda: sasrec.SASRec(sasrec.SASRecConfig.tiny(num_items=5),
                                       rngs=nnx.Rngs(0)),
-      "llm": lambda: registry.LLM.from_architecture(llm_arch, nnx.Rngs(0)),
+      "llm": lambda: registry.get("llm").from_architecture(llm_arch, nnx.Rngs(0)),
       bag: lambda: _BagOfItems(num_items=5, embed_dim=4, rngs=nnx.Rngs(0)),
   }
   models = {family: nnx.eval_shape(build) for family, build in builds.items()}

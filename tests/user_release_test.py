@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 
+import conftest  # pylint: disable=g-bad-import-order
 from privjax.data import anonymize
 from privjax.data import deidentify
 from privjax.data import movielens
@@ -25,38 +26,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 ANONYMIZE = REPO / "scripts" / "anonymize.py"
 KEY = "test-secret-key-7f3a9c1e5b"  # distinctive, to search outputs for
 QI_NAMES = ("age", "zip", "gender", "occupation")
-NUM_USERS, NUM_ITEMS = 80, 120
-
-
-def _write_movielens(folder: pathlib.Path, seed: int = 0) -> pathlib.Path:
-  """A small ml-100k folder: Zipf item popularity, 10-25 distinct items a user."""
-  rng = np.random.default_rng(seed)
-  folder.mkdir(parents=True, exist_ok=True)
-  weights = 1.0 / np.arange(1, NUM_ITEMS + 1) ** 1.1
-  weights /= weights.sum()
-  lines = []
-  for user in range(1, NUM_USERS + 1):
-    items = rng.choice(NUM_ITEMS, size=rng.integers(10, 26), replace=False,
-                       p=weights)
-    for t, item in enumerate(items):
-      rating = rng.integers(1, 6)
-      lines.append(f"{user}\t{item + 1}\t{rating}\t{880000000 + 1000 * t + user}")
-  (folder / "u.data").write_text("\n".join(lines) + "\n", encoding="latin-1")
-  flags = "|".join(["0"] * 19)
-  (folder / "u.item").write_text("".join(
-      f"{i}|Movie {i} (1995)|01-Jan-1995||http://example.org/{i}|{flags}\n"
-      for i in range(1, NUM_ITEMS + 1)), encoding="latin-1")
-  jobs = sorted(deidentify.OCCUPATION_HIERARCHY)
-  (folder / "u.user").write_text("".join(
-      f"{u}|{rng.integers(15, 70)}|{'MF'[rng.integers(2)]}|"
-      f"{jobs[rng.integers(len(jobs))]}|{rng.integers(10000, 99999):05d}\n"
-      for u in range(1, NUM_USERS + 1)), encoding="latin-1")
-  return folder
-
-
-@pytest.fixture(scope="module")
-def ml_folder(tmp_path_factory) -> pathlib.Path:
-  return _write_movielens(tmp_path_factory.mktemp("data") / "ml-fixture")
+NUM_USERS, NUM_ITEMS = conftest.SMALL_ML_USERS, conftest.SMALL_ML_ITEMS
 
 
 def _run(script, *args, env=None):

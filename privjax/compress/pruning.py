@@ -59,13 +59,13 @@ SCOPES = ("per_layer", "global")
 
 # ------------------------------------------------------------------ selection
 
-def _as_patterns(pattern: Pattern) -> tuple[str | re.Pattern, ...]:
+def as_patterns(pattern: Pattern) -> tuple[str | re.Pattern, ...]:
   if isinstance(pattern, (str, re.Pattern)):
     return (pattern,)
   return tuple(pattern)
 
 
-def _matches(path: str, patterns: tuple[str | re.Pattern, ...]) -> bool:
+def matches(path: str, patterns: tuple[str | re.Pattern, ...]) -> bool:
   return any(p.fullmatch(path) if isinstance(p, re.Pattern)
              else fnmatch.fnmatchcase(path, p) for p in patterns)
 
@@ -77,9 +77,9 @@ def _flatten(params: PyTree) -> tuple[list[str], list[Any], Any]:
 
 
 def _selected(paths, leaves, pattern: Pattern, exclude: Pattern) -> list[bool]:
-  include, excl = _as_patterns(pattern), _as_patterns(exclude)
-  chosen = [jnp.ndim(leaf) == 2 and _matches(path, include)
-            and not _matches(path, excl) for path, leaf in zip(paths, leaves)]
+  include, excl = as_patterns(pattern), as_patterns(exclude)
+  chosen = [jnp.ndim(leaf) == 2 and matches(path, include)
+            and not matches(path, excl) for path, leaf in zip(paths, leaves)]
   if not any(chosen):
     shown = ", ".join(paths[:10]) + (", ..." if len(paths) > 10 else "")
     raise ValueError(f"pattern={pattern!r} with exclude={exclude!r} selects no "

@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from privjax.compress import pruning
+
 PyTree = Any
 Pattern = str | re.Pattern | Sequence[str | re.Pattern]
 
@@ -245,18 +247,6 @@ def int8_matmul(x: jax.Array, q: QTensor) -> jax.Array:
 
 # ------------------------------------------------------------------ pytrees
 
-def _as_patterns(pattern: Pattern) -> tuple[str | re.Pattern, ...]:
-  # The same matching rules as privjax.compress.pruning (primitives do not import
-  # each other, so this small helper is repeated).
-  if isinstance(pattern, (str, re.Pattern)):
-    return (pattern,)
-  return tuple(pattern)
-
-
-def _matches(path: str, patterns: tuple[str | re.Pattern, ...]) -> bool:
-  return any(p.fullmatch(path) if isinstance(p, re.Pattern)
-             else fnmatch.fnmatchcase(path, p) for p in patterns)
-
 
 def default_channel_axis(path: str) -> int:
   """0 (per row) for an ``embedding`` leaf, else -1 (per output unit).
@@ -292,13 +282,13 @@ def quantize_params(params: PyTree, *,
   ('QTensor', dtype('float32'))
   """
   with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
-  include, excl = _as_patterns(pattern), _as_patterns(exclude)
+  include, excl = pruning.as_patterns(pattern), pruning.as_patterns(exclude)
   out, paths, any_selected = [], [], False
   for keys, leaf in with_path:
     path = jax.tree_util.keystr(keys, simple=True, separator="/")
     paths.append(path)
     if (jnp.ndim(leaf) == 2 and jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
-        and _matches(path, include) and not _matches(path, excl)):
+        and pruning.matches(path, include) and not pruning.matches(path, excl)):
       out.append(quantize(leaf, channel_axis=channel_axis(path)))
       any_selected = True
     else:

@@ -50,10 +50,31 @@ def rank_metrics(scores_fn, es: sequences.EvalSet, *, k: int, batch_size: int,
   return out
 
 
-def evaluate(w: workload_lib.Workload, params, frozen, which: str) -> dict[str, float]:
-  """Full-ranking HR@k / NDCG@k of a model on ``which`` in {"valid", "test"}."""
+def cold_users(split: sequences.Split, which: str = "test", max_count: int = 5
+               ) -> np.ndarray:
+  """Evaluated users whose ``which`` target has at most ``max_count`` training
+  interactions in all (a cold item: where item text should help most)."""
+  counts = np.bincount(np.concatenate(split.train), minlength=1)
+  users = split.eval_users()
+  target = (split.test_target if which == "test" else split.valid_target)[users]
+  seen = np.where(target < len(counts), counts[np.minimum(target, len(counts) - 1)], 0)
+  return users[seen <= max_count]
+
+
+def _restrict(es: sequences.EvalSet, users: np.ndarray) -> sequences.EvalSet:
+  keep = np.isin(es.users, users)
+  return sequences.EvalSet(es.users[keep], es.history[keep], es.target[keep],
+                           es.exclude[keep])
+
+
+def evaluate(w: workload_lib.Workload, params, frozen, which: str,
+             users: np.ndarray | None = None) -> dict[str, float]:
+  """Full-ranking HR@k / NDCG@k of a model on ``which`` in {"valid", "test"}
+  (of the evaluated ``users`` only, if given: e.g. ``cold_users``)."""
   cfg = w.cfg
   es = sequences.eval_set(w.split, which, cfg.data.max_len)
+  if users is not None:
+    es = _restrict(es, users)
   inputs = w.task.eval_inputs(cfg, es, w.ds, w.model_with(params, frozen))
   bs = cfg.eval.batch_size
 

@@ -30,6 +30,7 @@ import tqdm
 
 from privjax import config as config_lib
 from privjax.compress import pruning
+from privjax.data import dataset as dataset_lib
 from privjax.data import sequences
 from privjax.dp import ghost
 from privjax.dp import plan as plan_lib
@@ -48,6 +49,7 @@ _FROZEN_ON_RESUME = ("data", "model", "privacy", "train.batch_size",
 
 
 def train_and_evaluate(cfg: config_lib.Config, workdir: str | pathlib.Path, *,
+                       ds: dataset_lib.RecDataset | None = None,
                        show_progress: bool = True,
                        stop_after_steps: int | None = None) -> dict[str, Any]:
   """Trains, evaluates and reports one run in ``workdir``; resumes if present.
@@ -55,6 +57,8 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str | pathlib.Path, *,
   Args:
     cfg: the run's config (validated here).
     workdir: run directory; an existing run there is resumed exactly.
+    ds: the dataset, instead of loading ``cfg.data`` (e.g. one with canary
+      users inserted by an audit); a resume must pass the same data.
     show_progress: show a progress bar.
     stop_after_steps: stop this invocation after that many steps (checkpoint
       saved), as a preemption would; running again resumes.
@@ -76,7 +80,7 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str | pathlib.Path, *,
         seed=secret.reproducible_seed))
 
   # 2. Data and model; each user's rows bounded with the secret's keys.
-  w = workload_lib.build_workload(cfg)
+  w = workload_lib.build_workload(cfg, ds)
   examples, unit_rows = workload_lib.training_units(w, secret)
 
   # 3. The privacy plan. len(unit_rows) is private: the plan reads it only
