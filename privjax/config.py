@@ -78,6 +78,7 @@ class ModelConfig:
   # whether a learned item-ID embedding is added to each item's text vector.
   text_dim: int = 64
   fuse_id: bool = False
+  item_bias: bool = False
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -186,9 +187,14 @@ def _model_names() -> tuple[str, ...]:
   return registry.names()
 
 
+def _source_names() -> tuple[str, ...]:
+  from privjax.data import sources  # pylint: disable=g-import-not-at-top
+  return sources.names()
+
+
 # A callable gives choices known only at validation time.
 _CHOICES = {
-    "data.source": ("synthetic", "movielens", "tfds"),
+    "data.source": _source_names,  # the registered data sources
     "model.name": _model_names,  # the registered model families
     "model.trainable": ("full", "last_k", "lora", "head"),
     "privacy.unit": ("user", "example"),

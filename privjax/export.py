@@ -46,6 +46,7 @@ from typing import Any
 
 from flax import nnx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import safetensors
 import safetensors.numpy
@@ -96,22 +97,47 @@ def _build_abstract(family: str, arch: dict[str, Any]) -> nnx.Module:
   return nnx.eval_shape(lambda: task.from_architecture(arch, nnx.Rngs(0)))
 
 
-def predict(model: nnx.Module, inputs: dict[str, Any]) -> jax.Array:
-  """Scores ``[B, num_items]`` of a model, as its task scores for evaluation.
+def predict(model: nnx.Module, inputs: dict[str, Any], *,
+            exclude: Any = "history") -> jax.Array:
+  """Scores ``[B, num_items]`` of a model; items a user has seen score -inf.
 
-  ``inputs``: ``{"history": int [B, L]}`` (shifted item ids, 0 = padding,
-  most recent last) for mlp and sasrec; tokenised histories
-  ``{"input_ids", "attention_mask"}`` ``[B, T]`` for the LLM recommender
-  (see ``llm_examples.eval_text_inputs``); ``eval_inputs`` makes them.
+  Args:
+    model: a loaded (or trained) model of any registered family.
+    inputs: ``{"history": int [B, L]}`` for mlp, sasrec and text_seq: item
+      ids SHIFTED BY ONE (0 = padding, item ``i`` is ``i + 1``), left-padded,
+      most recent last; tokenised histories ``{"input_ids",
+      "attention_mask"}`` ``[B, T]`` for the LLM recommender (see
+      ``llm_examples.eval_text_inputs``). ``eval_inputs`` makes them.
+    exclude: which items never to recommend: ``"history"`` (default: the
+      items in ``inputs["history"]``, as evaluation does), a bool
+      ``[B, num_items]`` mask, or None (raw scores, seen items included).
+
+  Returns:
+    float32 ``[B, num_items]`` scores of 0-based item ids.
 
   >>> import jax.numpy as jnp
   >>> from privjax.models import mlp
   >>> model = mlp.NextItemMLP(num_items=5, max_len=3, embed_dim=4,
   ...                         hidden_dim=8, rngs=nnx.Rngs(0))
-  >>> predict(model, {"history": jnp.array([[0, 1, 2]])}).shape
-  (1, 5)
+  >>> scores = predict(model, {"history": jnp.array([[0, 1, 2]])})   # items 0 and 1
+  >>> scores.shape, bool(jnp.isinf(scores[0, :2]).all())
+  ((1, 5), True)
   """
-  return registry.get(registry.family_of(model)).scores(model, inputs)
+  scores = registry.get(registry.family_of(model)).scores(model, inputs)
+  if exclude is None:
+    return scores
+  if isinstance(exclude, str):
+    if exclude != "history":
+      raise ValueError(f"exclude={exclude!r} must be 'history', a mask or None")
+    if "history" not in inputs:
+      raise ValueError("exclude='history' needs inputs['history']; pass a "
+                       "[B, num_items] mask (or None) for this model")
+    history = jnp.asarray(inputs["history"])
+    seen = jnp.zeros(scores.shape, bool).at[
+        jnp.arange(scores.shape[0])[:, None], jnp.maximum(history - 1, 0)].max(history > 0)
+  else:
+    seen = jnp.asarray(exclude, bool)
+  return jnp.where(seen, -jnp.inf, scores)
 
 
 def _int8_paths(model: nnx.Module) -> set[str]:
@@ -436,8 +462,9 @@ def evaluate(out: str | pathlib.Path, *, which: tuple[str, ...] = ("valid", "tes
   inputs_fn = task.export_inputs(meta, None)  # loads a tokenizer once, if any
   task = dataclasses.replace(
       task, eval_inputs=lambda cfg, es, ds, model: inputs_fn(es))
+  # Raw scores: the ranking protocol excludes seen items itself.
   score_fn = jax.jit(lambda params, frozen, inputs: predict(
-      nnx.merge(graphdef, params), inputs))
+      nnx.merge(graphdef, params), inputs, exclude=None))
   w = workload_lib.Workload(cfg, ds, sequences.leave_last_out(ds), task, model,
                        graphdef, state, nnx.State({}), None, score_fn)
   return {"step": meta["manifest"]["source"]["checkpoint_step"],

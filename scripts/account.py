@@ -10,14 +10,9 @@ needs ``--accountant pld``. See privjax/dp/accounting.py for the guarantee.
 """
 
 import argparse
-import logging
-import pathlib
 import sys
 
-try:
-  import privjax  # noqa: F401
-except ImportError:
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from privjax import cli
 from privjax.dp import accounting
 from privjax.dp import calibration
 
@@ -45,9 +40,6 @@ def _parse(argv: list[str] | None
 
 def main(argv: list[str] | None = None) -> None:
   parser, args = _parse(argv)
-  # dp_accounting logs a warning per RDP order it drops; the answer is still
-  # a valid bound, and the lines would bury it.
-  logging.getLogger("absl").setLevel(logging.ERROR)
   common = dict(sampling_prob=args.sampling_prob, steps=args.steps,
                 delta=args.delta, accountant=args.accountant,
                 dataset_size=args.dataset_size,
@@ -69,4 +61,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli.run(main, sys.argv[1:]))

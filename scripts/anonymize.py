@@ -21,6 +21,7 @@ do not re-link them to the ids. The work is
 import argparse
 import sys
 
+from privjax import cli
 from privjax.data import deidentify
 from privjax.data import movielens
 from privjax.data import user_release
@@ -94,4 +95,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli.run(main, sys.argv[1:]))

@@ -36,6 +36,7 @@ import math
 import pathlib
 import sys
 
+from privjax import cli
 from privjax.answers import aggregates
 from privjax.answers import budget as budget_lib
 from privjax.answers import popularity
@@ -147,4 +148,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli.run(main, sys.argv[1:]))

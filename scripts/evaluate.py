@@ -16,19 +16,12 @@ not these numbers (they are for the researcher).
 
 import argparse
 import json
-import logging
 import pathlib
 import sys
 
-try:
-  import privjax  # noqa: F401
-except ImportError:  # running from a source checkout without `pip install -e .`
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
+from privjax import cli
 from privjax import export
 from privjax.run import evaluate as evaluate_lib
-
-logging.getLogger("absl").setLevel(logging.ERROR)
 
 
 def main(argv: list[str]) -> int:
@@ -41,16 +34,12 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--json", action="store_true", help="print JSON only")
   args = parser.parse_args(argv)
   is_export = export.is_export_dir(args.workdir)
-  try:
-    if is_export:
-      result = export.evaluate(args.workdir, data_path=args.data_path)
-    else:
-      if args.data_path is not None:
-        parser.error("--data-path applies to export directories only")
-      result = evaluate_lib.evaluate_workdir(args.workdir)
-  except (FileNotFoundError, export.CorruptExportError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  if is_export:
+    result = export.evaluate(args.workdir, data_path=args.data_path)
+  else:
+    if args.data_path is not None:
+      parser.error("--data-path applies to export directories only")
+    result = evaluate_lib.evaluate_workdir(args.workdir)
   if args.json:
     print(json.dumps(result))
     return 0
@@ -75,4 +64,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv[1:]))
+  sys.exit(cli.run(main, sys.argv[1:]))

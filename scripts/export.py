@@ -14,18 +14,11 @@ export's guarantee is the run's.
 
 import argparse
 import json
-import logging
 import pathlib
 import sys
 
-try:
-  import privjax  # noqa: F401
-except ImportError:  # running from a source checkout without `pip install -e .`
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
+from privjax import cli
 from privjax import export
-
-logging.getLogger("absl").setLevel(logging.ERROR)
 
 
 def _n_m(text: str) -> tuple[int, int]:
@@ -70,14 +63,10 @@ def main(argv: list[str]) -> int:
                            "default) or per column (dimension; smaller file)")
   parser.add_argument("--overwrite", action="store_true")
   args = parser.parse_args(argv)
-  try:
-    manifest = export.export(
-        args.workdir, args.out, sparsity=args.sparsity, n_m=args.n_m,
-        int8=args.int8, pattern=tuple(args.pattern or export.DEFAULT_PRUNE_PATTERN),
-        scope=args.scope, table_scales=args.table_scales, overwrite=args.overwrite)
-  except (FileNotFoundError, FileExistsError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  manifest = export.export(
+      args.workdir, args.out, sparsity=args.sparsity, n_m=args.n_m,
+      int8=args.int8, pattern=tuple(args.pattern or export.DEFAULT_PRUNE_PATTERN),
+      scope=args.scope, table_scales=args.table_scales, overwrite=args.overwrite)
   sizes = manifest["sizes"]
   print(f"exported {manifest['source']['model_family']} (checkpoint step "
         f"{manifest['source']['checkpoint_step']}) to {args.out}")
@@ -101,4 +90,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv[1:]))
+  sys.exit(cli.run(main, sys.argv[1:]))

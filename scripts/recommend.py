@@ -38,9 +38,10 @@ Noise comes from a fresh secret from the OS unless ``--seed`` is given
 import logging
 import sys
 
+from privjax import cli
 from privjax import serve
 
 logging.getLogger("absl").setLevel(logging.ERROR)
 
 if __name__ == "__main__":
-  sys.exit(serve.main(sys.argv[1:], description=__doc__))
+  sys.exit(cli.run(lambda argv: serve.main(argv, description=__doc__), sys.argv[1:]))

@@ -81,7 +81,7 @@ def exports(runs, tmp_path_factory):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _predict_jit(graphdef, state, inputs):
-  return export.predict(nnx.merge(graphdef, state), inputs)
+  return export.predict(nnx.merge(graphdef, state), inputs, exclude=None)
 
 
 def _scores(model, inputs):

@@ -94,6 +94,10 @@ def test_unknown_title_or_user_is_a_clear_error(dp_run, catalogue, capsys):
   assert rc == 2 and "unknown title 'Nope The Movie (1999)'" in err and not _listed(out)
   rc, _, err = _run(capsys, "--workdir", dp_run, "--user", "no-such-user")
   assert rc == 2 and "unknown user 'no-such-user'" in err
+  # A near miss gets a suggestion.
+  typo = ds.item_titles[3][:-8] + "x" + ds.item_titles[3][-7:]
+  rc, _, err = _run(capsys, "--workdir", dp_run, "--history", typo)
+  assert rc == 2 and "did you mean" in err and repr(ds.item_titles[3]) in err
 
 
 def test_the_year_may_be_left_out_when_unambiguous(catalogue):

@@ -89,7 +89,7 @@ def test_a_registered_family_trains_evaluates_and_exports(bag, tiny_cfg, tmp_pat
   np.testing.assert_array_equal(inputs["history"], es.history)
   in_memory = export.inference_model(trained, serialize.compress(
       nnx.to_pure_dict(nnx.state(trained)), int8=True)[0])
-  np.testing.assert_allclose(np.asarray(export.predict(loaded, inputs)),
+  np.testing.assert_allclose(np.asarray(export.predict(loaded, inputs, exclude=None)),
                              np.asarray(in_memory(inputs["history"])),
                              rtol=1e-5, atol=1e-5)
   # A float export evaluates to the run's own numbers, from the export alone.

@@ -23,10 +23,11 @@ from privjax.run import workload as workload_lib
 NUM_ITEMS, MAX_LEN = 11, 6
 
 
-def _setup(fuse_id):
+def _setup(fuse_id, item_bias=False):
   text = text_seq.whiten(np.random.default_rng(0).normal(size=(NUM_ITEMS, 20)), 5)
   cfg = text_seq.TextSeqConfig(num_items=NUM_ITEMS, max_len=MAX_LEN, text_dim=5,
-                               embed_dim=8, num_layers=1, num_heads=2, fuse_id=fuse_id)
+                               embed_dim=8, num_layers=1, num_heads=2, fuse_id=fuse_id,
+                               item_bias=item_bias)
   model = text_seq.TextSeqRec(cfg, item_text=text, rngs=nnx.Rngs(0))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   params = nnx.to_pure_dict(params)
@@ -43,9 +44,11 @@ def _setup(fuse_id):
   return loss, params, rest, batch
 
 
-@pytest.mark.parametrize("fuse_id", [False, True])
-def test_ghost_equals_vmap(fuse_id):
-  loss, params, _, batch = _setup(fuse_id)
+@pytest.mark.parametrize("fuse_id,item_bias", [(False, False), (True, True)])
+def test_ghost_equals_vmap(fuse_id, item_bias):
+  loss, params, _, batch = _setup(fuse_id, item_bias)
+  if item_bias:   # the bias starts at zero: give it a value so its gradient matters
+    params["bias"]["embedding"] = params["bias"]["embedding"] + 0.3
   mask = jnp.ones((4, 2)).at[3, 1].set(0.0)
   cov = ghost.coverage(loss, params, jax.tree.map(lambda x: x[0, 0], batch))
   assert cov.complete, cov.untapped         # every trainable leaf has a rule

@@ -388,3 +388,15 @@ def test_gradual_pruning_keeps_pruned_weights_exactly_zero_through_dp_steps(tmp_
     assert np.sum(leaf == 0.0) == leaf.size // 2, path
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [l["sparsity"] for l in lines if "sparsity" in l][-1] == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_useless_epsilon_says_so(tmp_path, tiny_cfg, capsys):
+  train_lib.train_and_evaluate(tiny_cfg(**{"privacy.target_epsilon": None,
+                                           "privacy.noise_multiplier": 50.0,
+                                           "privacy.sampling_prob": 0.15, "train.steps": 2}),
+                               tmp_path, show_progress=False)
+  out = capsys.readouterr().out
+  assert "WARNING sigma=" in out and "near chance" in out
+  train_lib.train_and_evaluate(tiny_cfg(**{"train.steps": 2}), tmp_path / "fine",
+                               show_progress=False)
+  assert "near chance" not in capsys.readouterr().out

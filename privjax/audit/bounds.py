@@ -14,7 +14,7 @@ bound on epsilon (Jagielski, Ullman & Oprea 2020; Nasr et al. 2021):
     eps >= max(log((1 - delta - FPR_up) / FNR_up), log((1 - delta - FNR_up) / FPR_up)).
 
 ``distinguishing_bound`` reports two such bounds. The *held-out* one chooses
-the test on one half of the runs and evaluates it on the other half: it is a
+the test on a share of the runs (30%) and evaluates it on the rest: it is a
 valid lower bound at confidence 1 - beta. The *optimistic* one chooses and
 evaluates on the same runs: it is what an auditor who peeks would report, and
 it is NOT a valid bound (the choice over many tests inflates it).
@@ -202,10 +202,23 @@ def _result(null_sorted, alt_sorted, test: Test, delta, beta) -> TestResult:
                     epsilon=float(eps[0]), mu_lower=float(mu[0]))
 
 
-def _choose(null_sorted, alt_sorted, delta, beta) -> tuple[Test, Test]:
-  """The tests with the largest epsilon bound and the largest mu bound."""
+def _choose(null_sorted, alt_sorted, delta, beta, eval_sizes, pseudo=1) -> tuple[Test, Test]:
+  """The tests with the largest predicted epsilon and mu bounds on the evaluation set.
+
+  Each candidate's counts on the selection set, plus ``pseudo`` (one, against
+  the winner's curse of a lucky empty tail), are scaled to the size of the
+  evaluation set and bounded there: the choice aims at the bound it will be
+  judged by. Any rule is valid here; only the evaluation set is bounded.
+  """
   thresholds, directions = _candidates(null_sorted, alt_sorted)
-  *_, eps, mu = _evaluate(null_sorted, alt_sorted, thresholds, directions, delta, beta)
+  fp, fn = _counts(null_sorted, alt_sorted, thresholds, directions)
+  n_null, n_alt = eval_sizes
+  fp = np.minimum(np.round((fp + pseudo) * n_null / len(null_sorted)), n_null)
+  fn = np.minimum(np.round((fn + pseudo) * n_alt / len(alt_sorted)), n_alt)
+  fpr_up = stats.clopper_pearson_upper(fp, n_null, beta / 2)
+  fnr_up = stats.clopper_pearson_upper(fn, n_alt, beta / 2)
+  eps = epsilon_from_rates(fpr_up, fnr_up, delta)
+  mu = _mu_from_rates(fpr_up, fnr_up)
   i, j = int(np.argmax(eps)), int(np.argmax(mu))
   return (Test(threshold=float(thresholds[i]), direction=int(directions[i])),
           Test(threshold=float(thresholds[j]), direction=int(directions[j])))
@@ -220,7 +233,8 @@ def _scores(name: str, values) -> np.ndarray:
 
 
 def distinguishing_bound(null, alt, *, delta: float, confidence: float = 0.95,
-                         seed: int = 0) -> DistinguishingBound:
+                         seed: int = 0, selection_fraction: float = 0.3
+                         ) -> DistinguishingBound:
   """Epsilon lower bound (held-out and optimistic) and GDP estimate from scores.
 
   Args:
@@ -228,7 +242,9 @@ def distinguishing_bound(null, alt, *, delta: float, confidence: float = 0.95,
     alt: scores of runs on D' (a neighbour of D).
     delta: the delta of the (eps, delta) claim being audited.
     confidence: 1 - beta; the held-out bound holds with this probability.
-    seed: the split of the runs into a selection and an evaluation half.
+    seed: the random split of the runs into a selection and an evaluation set.
+    selection_fraction: the share of each side's runs that chooses the tests
+      (0.3 measured best for Gaussian scores at 20k-160k runs a side).
 
   Returns:
     A ``DistinguishingBound`` (see its Guarantee).
@@ -242,17 +258,22 @@ def distinguishing_bound(null, alt, *, delta: float, confidence: float = 0.95,
     raise ValueError(f"confidence={confidence!r} must be in (0, 1)")
   if not 0 <= delta < 1:
     raise ValueError(f"delta={delta!r} must be in [0, 1)")
+  if not 0 < selection_fraction < 1:
+    raise ValueError(f"selection_fraction={selection_fraction!r} must be in (0, 1)")
   beta = 1 - confidence
   rng = np.random.default_rng(seed)
   null_p, alt_p = rng.permutation(null), rng.permutation(alt)
-  half_n, half_a = len(null) // 2, len(alt) // 2
-  select = (np.sort(null_p[:half_n]), np.sort(alt_p[:half_a]))
-  evaluate = (np.sort(null_p[half_n:]), np.sort(alt_p[half_a:]))
-  eps_test, mu_test = _choose(*select, delta, beta)
+  k_null = min(max(1, round(len(null) * selection_fraction)), len(null) - 1)
+  k_alt = min(max(1, round(len(alt) * selection_fraction)), len(alt) - 1)
+  select = (np.sort(null_p[:k_null]), np.sort(alt_p[:k_alt]))
+  evaluate = (np.sort(null_p[k_null:]), np.sort(alt_p[k_alt:]))
+  eps_test, mu_test = _choose(*select, delta, beta, (len(evaluate[0]), len(evaluate[1])))
   held_out = _result(*evaluate, eps_test, delta, beta)
   mu_result = _result(*evaluate, mu_test, delta, beta)
   everything = (np.sort(null), np.sort(alt))
-  optimistic = _result(*everything, _choose(*everything, delta, beta)[0], delta, beta)
+  optimistic = _result(*everything, _choose(*everything, delta, beta,
+                                            (len(null), len(alt)), pseudo=0)[0],
+                       delta, beta)
   mu = mu_result.mu
   return DistinguishingBound(
       epsilon_lower=held_out.epsilon, epsilon_optimistic=optimistic.epsilon,

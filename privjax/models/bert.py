@@ -44,6 +44,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from privjax.models import nn
 
@@ -308,11 +309,12 @@ def _embed(graphdef, state, ids_BxT, mask_BxT):
 
 def pooled_embeddings(encoder: BertEncoder, input_ids_NxT: np.ndarray,
                       attention_mask_NxT: np.ndarray, *,
-                      batch_size: int) -> np.ndarray:
+                      batch_size: int, progress: str | None = None) -> np.ndarray:
   """Mean-pooled encoder outputs ``[N, hidden]`` of token rows, in batches.
 
   Every batch has ``batch_size`` rows (the last one is padded, and the
-  padding dropped): one shape, one compile.
+  padding dropped): one shape, one compile. ``progress`` names a progress bar
+  (shown when there is more than one batch).
 
   >>> encoder = BertEncoder(BertConfig.tiny(), rngs=nnx.Rngs(0))
   >>> pooled_embeddings(encoder, np.array([[2, 5, 7, 0]]),
@@ -323,7 +325,9 @@ def pooled_embeddings(encoder: BertEncoder, input_ids_NxT: np.ndarray,
     raise ValueError(f"batch_size={batch_size} must be > 0")
   graphdef, state = nnx.split(encoder)
   out = []
-  for start in range(0, len(input_ids_NxT), batch_size):
+  starts = range(0, len(input_ids_NxT), batch_size)
+  for start in tqdm.tqdm(starts, desc=progress, leave=False,
+                         disable=progress is None or len(starts) < 2):
     ids = np.asarray(input_ids_NxT[start:start + batch_size])
     mask = np.asarray(attention_mask_NxT[start:start + batch_size])
     real = len(ids)

@@ -167,7 +167,8 @@ def precompute_user_embeddings(model: llm_rec.LLMRecommender,
   (1, 32)
   """
   return bert.pooled_embeddings(model.encoder, tokens["input_ids"],
-                                tokens["attention_mask"], batch_size=batch_size)
+                                tokens["attention_mask"], batch_size=batch_size,
+                                progress="privjax: encoding histories")
 
 
 def head_examples(model: llm_rec.LLMRecommender,

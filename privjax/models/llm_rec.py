@@ -326,7 +326,8 @@ def encode_titles(encoder: bert.BertEncoder, tokens: TokenBatch, *,
   (1, 32)
   """
   return bert.pooled_embeddings(encoder, tokens["input_ids"],
-                                tokens["attention_mask"], batch_size=batch_size)
+                                tokens["attention_mask"], batch_size=batch_size,
+                                progress="privjax: encoding titles")
 
 
 # ----------------------------------------------------------------------------

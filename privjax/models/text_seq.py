@@ -51,6 +51,8 @@ class TextSeqConfig:
     embed_dim: model width D.
     num_layers, num_heads, ffn_dim, dropout_rate: the SASRec blocks.
     fuse_id: add a learned item-ID embedding to the text vector of each item.
+    item_bias: add a learned score per item (a popularity prior: one
+      coordinate per item, cheap under DP).
   """
   num_items: int
   max_len: int
@@ -61,6 +63,7 @@ class TextSeqConfig:
   ffn_dim: int | None = None
   dropout_rate: float = 0.0
   fuse_id: bool = False
+  item_bias: bool = False
 
   def __post_init__(self):
     for name in ("num_items", "max_len", "text_dim", "embed_dim", "num_layers",
@@ -114,8 +117,15 @@ class TextSeqRec(nnx.Module):
     self.config = dataclasses.replace(config, text_dim=int(item_text.shape[1]))
     d = config.embed_dim
     self.item_text = ItemText(item_text)
-    self.adapter = nn.Linear(self.config.text_dim, d, rngs=rngs)
+    # Item vectors start as small as a SASRec item table's (std 0.02 per
+    # coordinate; the whitened text has unit variance per component), so that
+    # the scores h . E start near uniform instead of saturating the softmax.
+    self.adapter = nn.Linear(self.config.text_dim, d, use_bias=False,
+                             init_stddev=0.02 / math.sqrt(self.config.text_dim),
+                             rngs=rngs)
     self.item_id = (nn.Embed(config.num_items, d, rngs=rngs) if config.fuse_id else None)
+    self.bias = (nn.Embed(config.num_items, 1, init_stddev=0.0, rngs=rngs)
+                 if config.item_bias else None)
     blocks = config.blocks()
     self.position_embed = nn.Embed(config.max_len, d, rngs=rngs)
     self.blocks = nnx.List([sasrec.SASRecBlock(blocks, rngs=rngs)
@@ -158,17 +168,29 @@ class TextSeqRec(nnx.Module):
     x_xLxD = self.final_norm(x_xLxD)
     return jnp.where(real_xL[..., None], x_xLxD, 0.0)
 
+  def _item_bias(self, batch_shape) -> jax.Array | float:
+    if self.bias is None:
+      return 0.0
+    ids = jnp.broadcast_to(jnp.arange(self.config.num_items),
+                           (*batch_shape, self.config.num_items))
+    return self.bias(ids)[..., 0]                       # [..., num_items]
+
   def __call__(self, history: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     """Next-item logits ``[..., L, num_items]`` at every position."""
-    table = self.item_table(history.shape[:-1])
+    batch = history.shape[:-1]
+    table = self.item_table(batch)
     hidden = self._hidden(history, table, rng)
-    return jnp.einsum("...ld,...id->...li", hidden, table)
+    bias = self._item_bias(batch)
+    if not isinstance(bias, float):
+      bias = bias[..., None, :]
+    return jnp.einsum("...ld,...id->...li", hidden, table) + bias
 
   def score_last(self, history: jax.Array) -> jax.Array:
     """Deterministic next-item scores ``[..., num_items]`` after the history."""
-    table = self.item_table(history.shape[:-1])
+    batch = history.shape[:-1]
+    table = self.item_table(batch)
     hidden = self._hidden(history, table, None)[..., -1, :]
-    return jnp.einsum("...d,...id->...i", hidden, table)
+    return jnp.einsum("...d,...id->...i", hidden, table) + self._item_bias(batch)
 
 
 def sequence_loss(model: TextSeqRec, example: dict[str, jax.Array],

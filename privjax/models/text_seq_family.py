@@ -18,7 +18,6 @@ from typing import Any
 from flax import nnx
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 
 from privjax.models import bert
 from privjax.models import bert_hf
@@ -45,13 +44,9 @@ def _encode(path: str, texts: tuple[str, ...], progress: bool = True) -> np.ndar
     return np.load(file)
   _, encoder = bert_hf.load_hf_weights(path, with_pooler=False)
   tokens = bert_hf.encode_texts(bert_hf.load_tokenizer(path), list(texts), _TEXT_TOKENS)
-  batch, parts = 64, []
-  for start in tqdm.tqdm(range(0, len(texts), batch), desc="privjax: encoding item text",
-                         disable=not progress, leave=False):
-    sl = slice(start, start + batch)
-    parts.append(bert.pooled_embeddings(encoder, tokens["input_ids"][sl],
-                                        tokens["attention_mask"][sl], batch_size=batch))
-  out = np.concatenate(parts).astype(np.float32)
+  out = bert.pooled_embeddings(
+      encoder, tokens["input_ids"], tokens["attention_mask"], batch_size=64,
+      progress="privjax: encoding item text" if progress else None).astype(np.float32)
   try:
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_suffix(f".{os.getpid()}.tmp.npy")
@@ -74,7 +69,8 @@ def _config(cfg, num_items: int, text_dim: int) -> text_seq.TextSeqConfig:
   return text_seq.TextSeqConfig(
       num_items=num_items, max_len=cfg.data.max_len, text_dim=text_dim,
       embed_dim=m.embed_dim, num_layers=m.num_layers, num_heads=m.num_heads,
-      ffn_dim=m.hidden_dim or None, dropout_rate=m.dropout, fuse_id=m.fuse_id)
+      ffn_dim=m.hidden_dim or None, dropout_rate=m.dropout, fuse_id=m.fuse_id,
+      item_bias=m.item_bias)
 
 
 def _build(cfg, ds, rngs):

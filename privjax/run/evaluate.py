@@ -61,7 +61,8 @@ def cold_users(split: sequences.Split, which: str = "test", max_count: int = 5
   return users[seen <= max_count]
 
 
-def _restrict(es: sequences.EvalSet, users: np.ndarray) -> sequences.EvalSet:
+def restrict(es: sequences.EvalSet, users: np.ndarray) -> sequences.EvalSet:
+  """The rows of ``es`` of the given users."""
   keep = np.isin(es.users, users)
   return sequences.EvalSet(es.users[keep], es.history[keep], es.target[keep],
                            es.exclude[keep])
@@ -74,7 +75,7 @@ def evaluate(w: workload_lib.Workload, params, frozen, which: str,
   cfg = w.cfg
   es = sequences.eval_set(w.split, which, cfg.data.max_len)
   if users is not None:
-    es = _restrict(es, users)
+    es = restrict(es, users)
   inputs = w.task.eval_inputs(cfg, es, w.ds, w.model_with(params, frozen))
   bs = cfg.eval.batch_size
 

@@ -45,13 +45,24 @@ NONPRIVATE_DIR = "nonprivate"
 _PUBLIC_METRICS = ("step", "epsilon", "noise_stddev", "sparsity")
 
 
+def _tensorboard(logdir: pathlib.Path):
+  """A tensorboardX writer, or None when the optional extra is not installed."""
+  try:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return tensorboardX.SummaryWriter(str(logdir))
+
+
 class MetricsWriter:
   """Appends records to metrics.jsonl (public) and nonprivate/metrics.jsonl.
 
   On resume at ``start`` it drops records of steps after ``start`` (an
   interrupted attempt's, which the resumed run logs again) and writes a
   ``{"event": "resume"}`` marker; a fresh run starts with a header saying
-  whether it is a DP release.
+  whether it is a DP release. With ``pip install -e ".[logs]"`` the same
+  scalars also go to TensorBoard event files, split the same way:
+  ``<workdir>/tensorboard`` (public) and ``<workdir>/nonprivate/tensorboard``.
   """
 
   def __init__(self, workdir: pathlib.Path, *, start: int, dp_release: bool,
@@ -66,6 +77,8 @@ class MetricsWriter:
                 if json.loads(line).get("step", 0) <= start]
       path.write_text("".join(line + "\n" for line in kept))
       self._files[kind] = path.open("a")
+    self._boards = {"public": _tensorboard(workdir / "tensorboard"),
+                    "nonprivate": _tensorboard(workdir / NONPRIVATE_DIR / "tensorboard")}
     marker = ({"event": "resume", "step": start} if start else
               {"event": "start", "step": 0, "dp_release": dp_release,
                "reproducible_noise": reproducible})
@@ -79,10 +92,51 @@ class MetricsWriter:
       if set(rec) - {"step"}:
         self._files[kind].write(json.dumps(rec, default=json_default) + "\n")
         self._files[kind].flush()
+        board = self._boards[kind]
+        if board is not None and "event" not in record:
+          for key, value in rec.items():
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+              board.add_scalar(key, value, global_step=int(record.get("step", 0)))
 
   def close(self) -> None:
     for f in self._files.values():
       f.close()
+    for board in self._boards.values():
+      if board is not None:
+        board.close()
+
+
+def plot_curves(workdir: pathlib.Path) -> pathlib.Path | None:
+  """nonprivate/curves.png: training loss and epsilon against steps (matplotlib)."""
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  def records(path):
+    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+  eps = [(r["step"], r["epsilon"]) for r in records(workdir / "metrics.jsonl")
+         if isinstance(r.get("epsilon"), (int, float))]
+  loss = [(r["step"], r["nonprivate/loss"])
+          for r in records(workdir / NONPRIVATE_DIR / "metrics.jsonl")
+          if "nonprivate/loss" in r]
+  if not eps and not loss:
+    return None
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+  if loss:
+    ax1.plot(*zip(*loss))
+  ax1.set(xlabel="step", ylabel="training loss (non-private)", title="loss")
+  if eps:
+    ax2.plot(*zip(*eps), color="C1")
+  ax2.set(xlabel="step", ylabel="epsilon spent", title="privacy")
+  for ax in (ax1, ax2):
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  out = workdir / NONPRIVATE_DIR / "curves.png"
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+  return out
 
 
 def privacy_line(plan: plan_lib.Plan, result: dict[str, Any],
@@ -140,7 +194,10 @@ def write_run_files(workdir: pathlib.Path, cfg: config_lib.Config, plan: plan_li
   """privacy.json (released); nonprivate/report.md and results.json."""
   write_json(workdir / "privacy.json", plan.statement(steps_done, extra))
   (workdir / NONPRIVATE_DIR).mkdir(exist_ok=True)
-  (workdir / NONPRIVATE_DIR / "report.md").write_text(report_md(cfg, plan, results))
+  text = report_md(cfg, plan, results)
+  if plot_curves(workdir) is not None:
+    text += "\n![loss and epsilon against steps](curves.png)\n"
+  (workdir / NONPRIVATE_DIR / "report.md").write_text(text)
   # The number of evaluated users is (almost) the private N: not written.
   public = {k: ({m: x for m, x in v.items() if m != "num_users"}
                 if k in ("valid", "test") else v) for k, v in results.items()}

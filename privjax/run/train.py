@@ -17,6 +17,7 @@
 All I/O lives here; the step itself is pure.
 """
 
+import dataclasses
 import json
 import pathlib
 import time
@@ -40,11 +41,12 @@ from privjax.dp import step as dp_step
 from privjax.run import checkpoint
 from privjax.run import evaluate as evaluate_lib
 from privjax.run import report
+from privjax.run import workdir as workdir_lib
 from privjax.run import workload as workload_lib
 
 # Changing any of these between a run and its resumption would change what the
 # privacy spent so far means; resuming with a different value is refused.
-_FROZEN_ON_RESUME = ("data", "model", "privacy", "train.batch_size",
+_FROZEN_ON_RESUME = ("data", "model", "privacy", "prune", "train.batch_size",
                      "train.optimizer", "train.learning_rate", "train.seed")
 
 
@@ -65,13 +67,31 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str | pathlib.Path, *,
 
   Returns:
     A dict with the validation and test metrics, epsilon, delta, sigma, the
-    steps taken, why training stopped, and the ``plan``.
+    steps taken, why training stopped (``interrupted`` if by a signal), and
+    the ``plan``.
+
+  Raises:
+    workdir.WorkdirBusyError: another run holds ``workdir``.
+    ValueError, FileNotFoundError, ...: a bad config or data, or a resume
+      that cannot be honest; nothing of a new run is left behind.
   """
-  t_start = time.time()
-  # 1. Config and secret.
   config_lib.validate(cfg)
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  existed = {p.name for p in workdir.iterdir()} if workdir.exists() else set()
+  with workdir_lib.lock(workdir), workdir_lib.Interrupts() as stop:
+    progress = {"started": False}
+    try:
+      return _run(cfg, workdir, ds, show_progress, stop_after_steps, stop, progress)
+    except BaseException:
+      if not progress["started"] and "checkpoints" not in existed:
+        workdir_lib.cleanup_if_new(workdir, existed)
+      raise
+
+
+def _run(cfg, workdir, ds, show_progress, stop_after_steps, stop, progress):
+  """``train_and_evaluate`` inside its guards: the algorithm, top to bottom."""
+  t_start = time.time()
+  # 1. Config and secret.
   resuming = _check_or_write_config(cfg, workdir)
   secret = secret_lib.for_run(workdir, resuming=resuming,
                               reproducible_seed=cfg.privacy.reproducible_noise_seed)
@@ -101,6 +121,12 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str | pathlib.Path, *,
   if plan.steps < cfg.train.steps:
     print(f"privjax: the epsilon budget {plan.epsilon_budget} allows {plan.steps} of "
           f"the {cfg.train.steps} configured steps; training stops there.")
+  if plan.private and plan.noise_multiplier / plan.divisor > 0.5:
+    print(f"privjax: WARNING sigma={plan.noise_multiplier:.4g} over an expected batch of "
+          f"{plan.divisor:.4g} units puts noise of {plan.noise_multiplier / plan.divisor:.3g}"
+          " x C on every coordinate of the mean gradient, more than the whole clipped "
+          "signal: expect a model near chance. Raise train.batch_size (or q), lower "
+          "train.steps, or accept a larger epsilon.")
 
   # 4. Step: one jitted function, data-parallel over local devices.
   frozen_loss = lambda params, ex, rng: w.loss_fun(params, w.frozen, ex, rng)
@@ -119,7 +145,7 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str | pathlib.Path, *,
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=cfg.train.max_checkpoints)
   start = 0
   if resuming and ckpt.latest_step() is not None:
-    restored, meta = ckpt.restore(ckpt.latest_step(), state)
+    restored, meta = ckpt.restore_latest(state)
     _check_resume(meta, secret, plan, workdir)
     state, start = jax.device_put(restored, replicated), int(meta["steps_done"])
     print(f"privjax: resumed {workdir} at step {start} "
@@ -153,6 +179,7 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str | pathlib.Path, *,
     state, m = step_fn(state, frozen, jax.device_put(host_batch, batch_sharding),
                        jax.device_put(mask, batch_sharding), streams.noise_key(step), rng)
     done = step + 1
+    progress["started"] = True
     if done % max(cfg.train.log_every, 1) == 0 or done == plan.steps:
       last_metrics = {k: float(v) for k, v in m.items()}
       # Stop on non-finite PARAMETERS (post-processing of the DP release), not
@@ -175,6 +202,10 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str | pathlib.Path, *,
     if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
       save(done)
     bar.update(1)
+    if stop.requested and done < plan.steps:
+      stop_reason = (f"interrupted by {stop.requested} after {done} steps (checkpoint "
+                     "saved); run again with the same workdir to resume")
+      break
     if stop_after_steps is not None and done - start >= stop_after_steps and done < plan.steps:
       stop_reason = (f"interrupted after {done} steps (stop_after_steps); run "
                      "again with the same workdir to resume")
@@ -187,6 +218,15 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str | pathlib.Path, *,
   if steps_done > start or ckpt.latest_step() is None:
     save(steps_done)
   ckpt.close()
+  if stop.requested:   # the user asked to stop: save, state, and skip the evaluation
+    writer.close()
+    (workdir / "privacy.json").write_text(json.dumps(
+        plan.statement(steps_done, {"stop_reason": stop_reason}), indent=2,
+        default=report.json_default))
+    print(f"privjax: {stop_reason}")
+    return {"name": cfg.name, "private": plan.private, "interrupted": True,
+            "epsilon": plan.epsilon(steps_done), "steps": steps_done,
+            "stop_reason": stop_reason, "plan": plan}
 
   # 7. Evaluate (on private users' held-out items: not covered by the guarantee).
   results = {which: evaluate_lib.evaluate(w, state.params, frozen, which)
@@ -250,24 +290,79 @@ def _gather(examples: dict[str, np.ndarray], unit_rows: np.ndarray,
 
 
 def _check_or_write_config(cfg: config_lib.Config, workdir: pathlib.Path) -> bool:
-  """Writes config.json; on resume, refuses privacy-relevant changes."""
+  """Writes config.json; on resume, refuses privacy-relevant changes, naming them.
+
+  Changing ``train.steps`` extends (or shortens) a run honestly when sigma was
+  given: epsilon is then accounted for the new total. A run whose sigma was
+  calibrated to its length cannot be extended as it is; the message says how
+  (give that sigma and q explicitly, which this check accepts).
+  """
   path = workdir / "config.json"
   resumed = path.exists() and (workdir / "checkpoints").exists()
   if resumed:
     saved = config_lib.from_dict(json.loads(path.read_text()))
-    changed = [f for f in _FROZEN_ON_RESUME
-               if config_lib.get(saved, f) != config_lib.get(cfg, f)]
+    changed = _changed_fields(saved, cfg)
+    plan_json = _saved_plan(workdir)
+    if _is_explicit_extension(saved, cfg, changed, plan_json):
+      changed = [c for c in changed if not c.startswith("privacy.")]
     if (saved.train.steps != cfg.train.steps and cfg.privacy.enabled
         and cfg.privacy.target_epsilon is not None):
-      changed.append("train.steps (sigma is calibrated to the run length; "
-                     "give privacy.noise_multiplier to extend a run)")
+      how = ""
+      if plan_json:
+        how = (f" To extend it with epsilon accounted for the new total, resume with "
+               f"--config.privacy.target_epsilon=none --config.privacy.noise_multiplier="
+               f"{plan_json['noise_multiplier']!r} --config.privacy.sampling_prob="
+               f"{plan_json['sampling_prob']!r} (and privacy.epsilon_budget to cap it).")
+      raise ValueError(
+          f"train.steps: {saved.train.steps} -> {cfg.train.steps}: this run's sigma was "
+          f"calibrated to {saved.train.steps} steps for target_epsilon="
+          f"{saved.privacy.target_epsilon}.{how} Or start a new --workdir.")
     if changed:
       raise ValueError(
-          f"workdir {str(workdir)!r} holds a run with a different config "
-          f"({', '.join(changed)}); resuming would misstate the privacy spent. "
+          f"workdir {str(workdir)!r} holds a run with a different config ("
+          + "; ".join(changed) + "); resuming would misstate the privacy spent. "
           "Use a new --workdir.")
   path.write_text(config_lib.to_json(cfg))
   return resumed
+
+
+def _changed_fields(saved: config_lib.Config, cfg: config_lib.Config) -> list[str]:
+  """``field: old -> new`` for every frozen field that differs."""
+  out = []
+  for section in _FROZEN_ON_RESUME:
+    old, new = config_lib.get(saved, section), config_lib.get(cfg, section)
+    if dataclasses.is_dataclass(old):
+      for f in dataclasses.fields(old):
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if a != b:
+          out.append(f"{section}.{f.name}: {a!r} -> {b!r}")
+    elif old != new:
+      out.append(f"{section}: {old!r} -> {new!r}")
+  return out
+
+
+def _saved_plan(workdir: pathlib.Path) -> dict[str, Any] | None:
+  ckpt = checkpoint.Checkpointer(workdir)
+  try:
+    step = ckpt.latest_step()
+    return None if step is None else ckpt.meta(step).get("privacy")
+  except Exception:  # pylint: disable=broad-except
+    return None   # the restore reports unreadable checkpoints itself
+  finally:
+    ckpt.close()
+
+
+def _is_explicit_extension(saved, cfg, changed, plan_json) -> bool:
+  """A calibrated run resumed with its own sigma and q given explicitly."""
+  if not plan_json or saved.privacy.target_epsilon is None:
+    return False
+  p = cfg.privacy
+  allowed = {"privacy.target_epsilon", "privacy.noise_multiplier",
+             "privacy.sampling_prob", "privacy.epsilon_budget"}
+  return (p.target_epsilon is None and p.noise_multiplier == plan_json["noise_multiplier"]
+          and p.sampling_prob == plan_json["sampling_prob"]
+          and all(c.split(":")[0] in allowed for c in changed
+                  if c.startswith("privacy.")))
 
 
 def run_with_baselines(cfg: config_lib.Config, workdir: str | pathlib.Path, *,
@@ -280,7 +375,7 @@ def run_with_baselines(cfg: config_lib.Config, workdir: str | pathlib.Path, *,
   """
   workdir = pathlib.Path(workdir)
   rows = {"dp": train_and_evaluate(cfg, workdir, show_progress=show_progress)}
-  if cfg.compare_baselines:
+  if cfg.compare_baselines and not rows["dp"].get("interrupted"):
     twin = config_lib.replace(cfg, **{"privacy.enabled": False,
                                       "name": cfg.name + "-nonprivate"})
     rows["nonprivate"] = train_and_evaluate(

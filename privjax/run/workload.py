@@ -22,6 +22,7 @@ from privjax.compress import pruning
 from privjax.data import bounding
 from privjax.data import dataset as dataset_lib
 from privjax.data import sequences
+from privjax.data import sources
 from privjax.data import synthetic
 from privjax.dp import noise
 from privjax.dp import secret as secret_lib
@@ -31,15 +32,8 @@ from privjax.run import checkpoint
 
 
 def load_dataset(cfg: config_lib.DataConfig) -> dataset_lib.RecDataset:
-  """The dataset a data config names (synthetic, MovieLens files or TFDS)."""
-  if cfg.source == "synthetic":
-    return synthetic.generate(num_users=cfg.num_users, num_items=cfg.num_items,
-                              mean_interactions=cfg.mean_interactions, seed=cfg.seed)
-  if cfg.source == "movielens":
-    from privjax.data import movielens  # pylint: disable=g-import-not-at-top
-    return movielens.load(cfg.path)
-  from privjax.data import tfds  # pylint: disable=g-import-not-at-top
-  return tfds.load(cfg.tfds_name, data_dir=cfg.path or None)
+  """The dataset a data config names (``privjax.data.sources``)."""
+  return sources.load(cfg)
 
 
 @dataclasses.dataclass

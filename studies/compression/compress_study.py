@@ -114,7 +114,7 @@ def _test_ranks(export_dir: pathlib.Path, data_path: str):
   es = sequences.eval_set(sequences.leave_last_out(ds), "test", cfg.data.max_len)
   inputs = export.eval_inputs(meta, es)
   graphdef, state = nnx.split(model)
-  score = jax.jit(lambda state, chunk: export.predict(nnx.merge(graphdef, state), chunk))
+  score = jax.jit(lambda state, chunk: export.predict(nnx.merge(graphdef, state), chunk, exclude=None))
   bs, ranks, top = cfg.eval.batch_size, [], []
   for start in range(0, len(es.target), bs):
     sl = slice(start, start + bs)
